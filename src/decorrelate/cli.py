@@ -1,0 +1,265 @@
+"""The ``decorrelate`` command: train, eval, compare, plot, demo.
+
+Training flags are generated from :class:`decorrelate.config.TrainConfig`, so every option is
+settable as a flag and from ``--config FILE.yaml|json`` (flags win). A user mistake is one line on
+stderr and exit code 2; a diverged run is one line and exit code 3; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from .config import FIELDS, choices_of, load_config_file, make_config
+from .errors import DataError, TrainingDiverged, UserError
+
+EXIT_USER = 2
+EXIT_DIVERGED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not the usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; defaults suppressed so only given flags override the file."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        group = groups.setdefault(
+            meta["group"], parser.add_argument_group(f"{meta['group']} options")
+        )
+        flag = "--" + name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{meta['help']} (default: {_show(default)})"
+        if meta["kind"] == "bool":
+            group.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+            continue
+        choices = choices_of(name)
+        metavar = "{" + ",".join(choices) + "}" if choices else meta["kind"].upper()
+        group.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+    """Defaults < --config file < flags < ``extra``."""
+    file_values = load_config_file(args.config) if args.config else {}
+    flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    return make_config(file_values, flags, extra or {})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="decorrelate",
+        description="Train networks with decorrelation and learning rules beyond backprop.",
+    )
+    parser.add_argument("--version", action="version", version=f"decorrelate {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train one network", description="Train one network.")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a checkpoint.")
+    p.add_argument("checkpoint", help="checkpoint.pt or a run directory")
+    p.add_argument("--split", default="test", choices=("train", "test", "val"))
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser(
+        "compare",
+        help="run a grid of rules x decorrelation x seeds and summarise it",
+        description="Run a grid (rules x decorrelation methods x seeds x sweeps) sequentially; "
+        "write results.md/results.json and PNG plots of test accuracy vs epoch and vs seconds. "
+        "Finished runs found in OUT are reused, interrupted ones resumed.",
+    )
+    p.add_argument("--rules", default="bp", help="comma-separated rules (default: bp)")
+    p.add_argument("--decors", default="none", help="comma-separated decorrelation methods")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="also sweep a config option (repeatable), e.g. --sweep lr=1e-3,1e-4",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of base options")
+    p.add_argument("--quiet", action="store_true", help="print only the results table")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+
+    p = sub.add_parser("plot", help="plot runs", description="Plot test accuracy of run dirs.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="PNG prefix (default: plot in the first RUN_DIR)")
+
+    p = sub.add_parser("demo", help="the README demo: MNIST, MLP, Adam, compared side by side")
+    p.add_argument("--epochs", default="3")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import resume, summary_line, train
+
+    log = None if args.quiet else print
+    progress = False if args.no_progress else None
+    if args.resume:
+        given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+        if args.config:
+            given = {**load_config_file(args.config), **given}
+        result = resume(args.resume, given, log=log, progress=progress)
+    else:
+        result = train(
+            _config_from_args(args), overwrite=args.overwrite, log=log, progress=progress
+        )
+    print(summary_line(result))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint, split=args.split, data_dir=args.data_dir, device=args.device
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{result['checkpoint']} (epoch {result['epoch']}) {result['split']}: "
+            f"loss {result['loss']:.4f} acc {result['acc']:.4f} on {result['examples']} examples"
+        )
+    return 0
+
+
+def _parse_sweeps(items: Sequence[str]) -> dict[str, list[str]]:
+    sweeps: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not _split(values):
+            raise UserError(f"--sweep takes KEY=V1,V2,..., got {item!r}")
+        if key not in FIELDS:
+            raise UserError(f"--sweep: unknown option {key!r}")
+        if key in ("rule", "decor", "seed", "out"):
+            raise UserError(f"--sweep {key}: use --rules/--decors/--seeds/--out instead")
+        sweeps[key] = _split(values)
+    return sweeps
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_grid
+
+    base = _config_from_args(args)
+    seeds = []
+    for s in _split(args.seeds):
+        try:
+            seeds.append(int(s))
+        except ValueError:
+            raise UserError(f"--seeds takes integers, got {s!r}") from None
+    out = Path(base.out or "runs/compare")
+    summary = run_grid(
+        base,
+        rules=_split(args.rules),
+        decors=_split(args.decors),
+        seeds=seeds,
+        sweeps=_parse_sweeps(args.sweep),
+        out=out,
+        log=None if args.quiet else print,
+        progress=False if args.no_progress else None,
+    )
+    print(summary.table)
+    for path in summary.files:
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .checkpoint import read_metrics
+    from .plotting import plot_curves
+
+    runs = {Path(r).name or str(r): [read_metrics(r)] for r in args.runs}
+    prefix = Path(args.out) if args.out else Path(args.runs[0]) / "plot"
+    for path in plot_curves(runs, prefix):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .compare import run_demo
+
+    summary = run_demo(
+        epochs=args.epochs,
+        out=Path(args.out),
+        data_dir=args.data_dir,
+        progress=False if args.no_progress else None,
+    )
+    print(summary.table)
+    for path in summary.files:
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "compare": _cmd_compare,
+    "plot": _cmd_plot,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER
+    try:
+        return COMMANDS[args.command](args)
+    except (UserError, DataError) as err:
+        print(f"decorrelate: error: {err}", file=sys.stderr)
+        return EXIT_USER
+    except TrainingDiverged as err:
+        print(f"decorrelate: diverged: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(
+            "decorrelate: interrupted; the last finished epoch's checkpoint is kept",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

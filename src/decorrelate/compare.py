@@ -1,0 +1,160 @@
+"""Run a grid of training runs (rules × decorrelation × sweeps × seeds) and summarise it.
+
+Runs go sequentially into ``OUT/<label>-s<seed>/``. A finished run found there is reused and an
+interrupted one resumed, so an interrupted comparison continues where it stopped. The summary is a
+markdown table of mean ± std over seeds (best and final test accuracy, training time) written to
+``results.md``, the same numbers in ``results.json``, and PNG plots of the curves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .errors import UserError
+from .plotting import plot_curves
+from .train import RESUME_OVERRIDES, Log, resume, train
+
+
+@dataclass
+class GridSummary:
+    """The groups of a finished grid, the markdown table, and the files written."""
+
+    groups: list[dict[str, Any]]
+    table: str
+    files: list[Path] = field(default_factory=list)
+    histories: dict[str, list[list[dict[str, Any]]]] = field(default_factory=dict)
+
+
+def run_label(rule: str, decor: str, combo: dict[str, str]) -> str:
+    label = rule if decor == "none" else f"{rule}+{decor}"
+    return label + "".join(f" {k.replace('_', '-')}={v}" for k, v in combo.items())
+
+
+def _dir_name(label: str, seed: int) -> str:
+    return re.sub(r"[^A-Za-z0-9.+=_-]+", "_", label) + f"-s{seed}"
+
+
+def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    want = cfg.to_dict()
+    skip = set(RESUME_OVERRIDES) | {"widths", "channels"}
+    return all(saved.get(k) == v for k, v in want.items() if k not in skip)
+
+
+def _run_one(cfg: TrainConfig, log: Log | None, progress: bool | None) -> list[dict[str, Any]]:
+    """Train, resume or reuse the run in ``cfg.out``; return its history."""
+    out = Path(cfg.out)
+    if (out / ckpt.CHECKPOINT).exists():
+        state = ckpt.load_checkpoint(out)
+        if not _same_run(state["config"], cfg):
+            raise UserError(f"{out} holds a different run; choose another --out for this grid")
+        if state["epoch"] >= cfg.epochs:
+            return state["history"][: cfg.epochs + 1]
+        return resume(out, {"epochs": cfg.epochs}, log=log, progress=progress).history
+    return train(cfg, log=log, progress=progress).history
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarise(label: str, histories: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    best = [max(r["test_acc"] for r in h) for h in histories]
+    final = [h[-1]["test_acc"] for h in histories]
+    secs = [h[-1]["seconds"] for h in histories]
+    return {
+        "label": label,
+        "seeds": len(histories),
+        "best_test_acc": _mean_std(best),
+        "final_test_acc": _mean_std(final),
+        "train_seconds": _mean_std(secs),
+        "epochs": histories[0][-1]["epoch"],
+    }
+
+
+def markdown_table(groups: list[dict[str, Any]]) -> str:
+    def pm(pair: tuple[float, float], scale: float = 100.0, digits: int = 2) -> str:
+        return f"{pair[0] * scale:.{digits}f} ± {pair[1] * scale:.{digits}f}"
+
+    lines = [
+        "| run | seeds | epochs | best test acc (%) | final test acc (%) | train time (s) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for g in groups:
+        lines.append(
+            f"| {g['label']} | {g['seeds']} | {g['epochs']} | {pm(g['best_test_acc'])} | "
+            f"{pm(g['final_test_acc'])} | {pm(g['train_seconds'], 1.0, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def run_grid(
+    base: TrainConfig,
+    *,
+    rules: Sequence[str],
+    decors: Sequence[str],
+    seeds: Sequence[int],
+    sweeps: dict[str, list[str]] | None = None,
+    out: Path,
+    log: Log | None = print,
+    progress: bool | None = None,
+) -> GridSummary:
+    """Run every combination sequentially and write the summary files into ``out``."""
+    sweeps = sweeps or {}
+    if not rules or not decors or not seeds:
+        raise UserError("compare needs at least one rule, one decorrelation method and one seed")
+    grid = itertools.product(*sweeps.values())
+    combos = [dict(zip(sweeps, values, strict=True)) for values in grid]
+    plan = []
+    for rule, decor, combo in itertools.product(rules, decors, combos):
+        label = run_label(rule, decor, combo)
+        for seed in seeds:
+            # Validates every name and value before the first run starts.
+            cfg = base.replace(
+                rule=rule, decor=decor, seed=seed, out=str(out / _dir_name(label, seed)), **combo
+            )
+            plan.append((label, cfg))
+    out = ckpt.prepare_out_dir(out)
+    histories: dict[str, list[list[dict[str, Any]]]] = {}
+    for i, (label, cfg) in enumerate(plan, start=1):
+        if log:
+            log(f"[{i}/{len(plan)}] {label} seed {cfg.seed} -> {cfg.out}")
+        histories.setdefault(label, []).append(_run_one(cfg, log, progress))
+    groups = [summarise(label, hs) for label, hs in histories.items()]
+    table = markdown_table(groups)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {"base_config": base.to_dict(), "groups": groups, "histories": histories}, indent=1
+        )
+        + "\n"
+    )
+    files = [out / "results.md", out / "results.json", *plot_curves(histories, out)]
+    return GridSummary(groups, table, files, histories)
+
+
+def run_demo(
+    *,
+    epochs: int | str = 3,
+    out: Path = Path("runs/demo"),
+    data_dir: str | None = None,
+    progress: bool | None = None,
+) -> GridSummary:
+    """The README demo: the default MNIST MLP with Adam, BP and (when available) decorrelated BP."""
+    from .config import choices_of, make_config
+
+    base = make_config({"epochs": epochs, "data_dir": data_dir})
+    decors = ["none"] + (["scaled"] if "scaled" in choices_of("decor") else [])
+    return run_grid(
+        base, rules=["bp"], decors=decors, seeds=[base.seed], out=out, progress=progress
+    )

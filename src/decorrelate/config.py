@@ -1,0 +1,412 @@
+"""The one configuration system: a dataclass of every training option.
+
+The same :class:`TrainConfig` is filled from defaults, then a YAML/JSON file (``--config``), then
+command-line flags (which are generated from the fields below, so a new option is added in one
+place). Unknown keys and invalid values are rejected with the list of valid choices. The resolved
+config (with model-specific defaults filled in) is saved as ``config.json`` next to every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+# ----------------------------------------------------------------------------- choices
+
+
+def _datasets() -> tuple[str, ...]:
+    from .data import DATASETS
+
+    return DATASETS
+
+
+def _models() -> tuple[str, ...]:
+    from .models import MODELS
+
+    return MODELS
+
+
+def _activations() -> tuple[str, ...]:
+    from .models import ACTIVATIONS
+
+    return ACTIVATIONS
+
+
+def _rules() -> tuple[str, ...]:
+    from .rules import available_rules
+
+    return available_rules()
+
+
+def _decor_methods() -> tuple[str, ...]:
+    try:
+        from .nn import METHODS
+    except ImportError:  # decorrelation not built yet
+        return ("none",)
+    return ("none", *METHODS)
+
+
+def _losses() -> tuple[str, ...]:
+    from .losses import LOSSES
+
+    return LOSSES
+
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+# ----------------------------------------------------------------------------- fields
+
+# kind: "str" | "int" | "float" | "bool" | "ints" | "floats"; optional: None allowed.
+
+
+def opt(
+    default: Any,
+    help: str,
+    kind: str,
+    *,
+    choices: Callable[[], tuple[str, ...]] | tuple[str, ...] | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    optional: bool = False,
+    group: str = "training",
+) -> Any:
+    """A config field with what the CLI and the validator need to know about it."""
+    meta = {
+        "help": help,
+        "kind": kind,
+        "choices": choices,
+        "check": check,
+        "optional": optional,
+        "group": group,
+    }
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def fraction_open(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def fraction_closed(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def all_positive(v: list) -> str | None:
+    return None if all(x > 0 for x in v) else "all entries must be > 0"
+
+
+def betas_ok(v: list) -> str | None:
+    return None if len(v) == 2 and all(0 <= b < 1 for b in v) else "must be two numbers in [0, 1)"
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run. See ``decorrelate train --help`` for the same list."""
+
+    # data
+    dataset: str = opt("mnist", "dataset", "str", choices=_datasets, group="data")
+    data_dir: str | None = opt(
+        None, "directory holding the dataset files", "str", optional=True, group="data"
+    )
+    val_split: float = opt(
+        0.0,
+        "fraction of the training set held out for validation",
+        "float",
+        check=fraction_open,
+        group="data",
+    )
+    train_size: int | None = opt(
+        None,
+        "use only this many training examples (low-data runs)",
+        "int",
+        check=positive,
+        optional=True,
+        group="data",
+    )
+    normalize: bool = opt(
+        True, "standardise inputs per channel with training-set statistics", "bool", group="data"
+    )
+    synthetic_shape: list[int] = opt(
+        [3, 32, 32],
+        "input shape of the synthetic dataset",
+        "ints",
+        check=all_positive,
+        group="data",
+    )
+    synthetic_classes: int = opt(
+        10,
+        "classes of the synthetic dataset",
+        "int",
+        check=lambda v: None if v >= 2 else "must be >= 2",
+        group="data",
+    )
+    synthetic_train: int = opt(
+        5000, "training examples of the synthetic dataset", "int", check=positive, group="data"
+    )
+    synthetic_test: int = opt(
+        1000, "test examples of the synthetic dataset", "int", check=positive, group="data"
+    )
+    # model
+    model: str = opt("mlp", "model architecture", "str", choices=_models, group="model")
+    widths: list[int] | None = opt(
+        None,
+        "hidden fully connected widths (mlp default 1000,1000,1000; convnet default 1000)",
+        "ints",
+        check=all_positive,
+        optional=True,
+        group="model",
+    )
+    channels: list[int] | None = opt(
+        None,
+        "conv channels, a 2x2 max-pool after every second (default 32,32,64,64)",
+        "ints",
+        check=all_positive,
+        optional=True,
+        group="model",
+    )
+    activation: str = opt(
+        "leaky-relu", "hidden activation", "str", choices=_activations, group="model"
+    )
+    # learning rule and decorrelation
+    rule: str = opt(
+        "bp", "learning rule (how .grad is filled)", "str", choices=_rules, group="rule"
+    )
+    decor: str = opt(
+        "none",
+        "decorrelation method before every Linear/Conv2d",
+        "str",
+        choices=_decor_methods,
+        group="rule",
+    )
+    decor_lr: float | None = opt(
+        None,
+        "decorrelation learning rate eta (default: per method)",
+        "float",
+        check=positive,
+        optional=True,
+        group="rule",
+    )
+    decor_kappa: float | None = opt(
+        None,
+        "dbp: weight of the variance term kappa (default: per method)",
+        "float",
+        check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
+        optional=True,
+        group="rule",
+    )
+    decor_sample_frac: float = opt(
+        0.1, "fraction of each batch used to update R", "float", check=fraction_closed, group="rule"
+    )
+    decor_demean: bool = opt(
+        False, "subtract a running mean before decorrelating", "bool", group="rule"
+    )
+    # optimisation
+    optimizer: str = opt("adam", "optimizer", "str", choices=OPTIMIZERS)
+    lr: float = opt(1e-3, "learning rate", "float", check=positive)
+    momentum: float = opt(
+        0.9, "sgd momentum", "float", check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)"
+    )
+    betas: list[float] = opt([0.9, 0.999], "adam betas (beta1,beta2)", "floats", check=betas_ok)
+    weight_decay: float = opt(
+        0.0, "weight decay (L2, as in torch.optim)", "float", check=non_negative
+    )
+    lr_schedule: str = opt(
+        "constant", "learning-rate schedule over all steps", "str", choices=SCHEDULES
+    )
+    loss: str = opt(
+        "cross-entropy", "loss (mse-shifted: one-hot targets minus 0.1)", "str", choices=_losses
+    )
+    batch_size: int = opt(256, "training batch size", "int", check=positive)
+    eval_batch_size: int = opt(1000, "evaluation batch size", "int", check=positive)
+    epochs: int = opt(5, "training epochs", "int", check=non_negative)
+    # run
+    seed: int = opt(
+        0, "run seed (model init, data order, rule noise)", "int", check=non_negative, group="run"
+    )
+    device: str = opt(
+        "auto", "device: auto picks cuda when available", "str", choices=DEVICES, group="run"
+    )
+    threads: int | None = opt(
+        None,
+        "CPU threads for torch (default: torch's choice)",
+        "int",
+        check=positive,
+        optional=True,
+        group="run",
+    )
+    out: str | None = opt(
+        None,
+        "output directory (default runs/<dataset>-<model>-<rule>-<decor>-s<seed>)",
+        "str",
+        optional=True,
+        group="run",
+    )
+
+    # ------------------------------------------------------------------ helpers
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with ``changes`` applied (keys may use dashes or underscores)."""
+        return make_config(self.to_dict(), changes)
+
+    def default_out(self) -> str:
+        return f"runs/{self.dataset}-{self.model}-{self.rule}-{self.decor}-s{self.seed}"
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def choices_of(name: str) -> tuple[str, ...] | None:
+    c = FIELDS[name].metadata["choices"]
+    return c() if callable(c) else c
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _normalise_key(key: str) -> str:
+    return str(key).strip().replace("-", "_")
+
+
+def _bad(name: str, value: Any, why: str) -> UserError:
+    return UserError(f"invalid value for {name.replace('_', '-')}: {value!r} ({why})")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert ``value`` (from a file or the command line) to the field's type, or raise."""
+    meta = FIELDS[name].metadata
+    kind = meta["kind"]
+    if value is None or (
+        isinstance(value, str) and value.strip().lower() in ("none", "null") and meta["optional"]
+    ):
+        if meta["optional"]:
+            return None
+        raise _bad(name, value, "a value is required")
+    try:
+        if kind == "str":
+            if not isinstance(value, str):
+                raise TypeError("expected a string")
+            return value
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind in ("int", "float"):
+            return _number(value, kind)
+        if kind in ("ints", "floats"):
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise TypeError("expected a list")
+            return [
+                _number(v, kind[:-1]) for v in items if not (isinstance(v, str) and not v.strip())
+            ]
+    except (TypeError, ValueError) as err:
+        raise _bad(name, value, str(err)) from None
+    raise AssertionError(kind)
+
+
+def _number(value: Any, kind: str) -> int | float:
+    if isinstance(value, bool):
+        raise TypeError(f"expected {'an integer' if kind == 'int' else 'a number'}")
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            return int(value.strip())
+        raise TypeError("expected an integer")
+    number = float(value.strip()) if isinstance(value, str) else float(value)
+    if not math.isfinite(number):
+        raise ValueError("must be finite")
+    return number
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Check choices and ranges of every field; raise a one-line :class:`UserError` otherwise."""
+    for name, f in FIELDS.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        choices = choices_of(name)
+        if choices is not None and value not in choices:
+            raise UserError(
+                f"invalid value for {name.replace('_', '-')}: {value!r}; "
+                f"choose one of: {', '.join(choices)}"
+            )
+        check = f.metadata["check"]
+        if check is not None:
+            why = check(value)
+            if why:
+                raise _bad(name, value, why)
+    return config
+
+
+def make_config(*layers: Mapping[str, Any] | None) -> TrainConfig:
+    """Merge mappings of options (later ones win) over the defaults, coerce and validate."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            name = _normalise_key(key)
+            if name not in FIELDS:
+                raise UserError(
+                    f"unknown option {key!r}; valid options: "
+                    f"{', '.join(n.replace('_', '-') for n in FIELDS)}"
+                )
+            values[name] = coerce(name, value)
+    return validate(TrainConfig(**values))
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of options (no validation yet: see :func:`make_config`)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as err:  # malformed file: report it in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot parse config file {path}: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def field_names(group: str | None = None) -> Iterable[str]:
+    return [n for n, f in FIELDS.items() if group is None or f.metadata["group"] == group]

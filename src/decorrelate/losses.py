@@ -1,0 +1,45 @@
+"""Losses on class-index targets, with a per-sample mode for perturbation rules.
+
+Node perturbation needs the loss of every sample separately (``reduction="none"``), so every
+loss here supports it. ``mse-shifted`` is the Align paper's target: one-hot shifted by −0.1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import UserError
+
+LOSSES = ("cross-entropy", "mse", "mse-shifted")
+
+
+class Loss:
+    """A loss ``L(output, y)`` on logits/outputs [B, K] and class indices [B]."""
+
+    def __init__(self, name: str = "cross-entropy") -> None:
+        if name not in LOSSES:
+            raise UserError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+        self.name = name
+
+    def target(self, y: Tensor, num_classes: int) -> Tensor:
+        """The regression target for the MSE losses (one-hot, optionally shifted by −0.1)."""
+        t = F.one_hot(y, num_classes).to(torch.get_default_dtype())
+        return t - 0.1 if self.name == "mse-shifted" else t
+
+    def __call__(self, output: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+        if self.name == "cross-entropy":
+            return F.cross_entropy(output, y, reduction=reduction)
+        # Sum over outputs, mean over the batch: the per-sample loss is 0.5·‖f(x) − t‖².
+        per_sample = 0.5 * (output - self.target(y, output.shape[-1]).to(output.dtype)).pow(2).sum(
+            -1
+        )
+        if reduction == "none":
+            return per_sample
+        if reduction == "sum":
+            return per_sample.sum()
+        return per_sample.mean()
+
+    def __repr__(self) -> str:
+        return f"Loss({self.name!r})"

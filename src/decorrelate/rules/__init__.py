@@ -1,0 +1,21 @@
+"""Learning rules: each fills ``.grad``; see :mod:`decorrelate.rules.base` for the protocol."""
+
+from .backprop import Backprop
+from .base import (
+    LearningRule,
+    StepOutput,
+    available_rules,
+    get_rule,
+    register_rule,
+    rule_class,
+)
+
+__all__ = [
+    "Backprop",
+    "LearningRule",
+    "StepOutput",
+    "available_rules",
+    "get_rule",
+    "register_rule",
+    "rule_class",
+]

@@ -1,0 +1,150 @@
+"""The learning-rule protocol: **a learning rule is a way to fill ``.grad``.**
+
+Every rule — backprop, feedback alignment, node perturbation, Align, the fixed-point rules — is
+asked once per training step to run whatever forward (and backward) passes it needs on a batch and
+to leave an update direction in ``param.grad`` of the trainable parameters. The training loop then
+calls an ordinary ``torch.optim`` optimizer, and afterwards lets local learners in the model (the
+decorrelation matrices R) update themselves. So every rule composes with every optimizer and every
+decorrelation method, and one loop serves them all::
+
+    rule.attach(model, loss, generator)        # once: prepare the model (hooks, buffers, twins)
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        out = rule.backward(model, x, y)       # forward pass(es); fills .grad; returns loss/output
+        optimizer.step()
+        local_update(model)                    # decorrelators learn from their stored subsample
+
+How the other rule families fit this protocol (each prepares the model once, in :meth:`attach`,
+through public PyTorch mechanisms — never by patching private APIs or swapping ``nn.Parameter``
+objects inside ``forward``):
+
+* **Feedback alignment (fa)**: ``attach`` registers a fixed random feedback matrix B per layer as a
+  buffer and routes each Linear/Conv2d through a custom ``autograd.Function`` whose backward uses
+  B instead of Wᵀ for the input gradient; ``backward`` is then plain autograd, like ``bp``.
+* **Direct feedback alignment (dfa)**: ``attach`` adds per-layer feedback buffers and hooks that
+  inject Bₗ·e (e = output error) as the gradient of each hidden block's output; the error comes
+  from a hook on the model output, so any block type may sit between feedback points.
+* **Node perturbation (np/inp/anp)**: forward-only. ``backward`` runs under ``torch.no_grad()``,
+  puts clean and noisy copies of the batch through one batched forward call (noise added by
+  forward hooks on the pre-activations, drawn from the rule's own generator), forms per-sample
+  loss differences and writes ⟨e zᵀ⟩ into ``weight.grad`` itself. No autograd graph is kept.
+* **Align (align-zero/ada/prop)**: ``attach`` keeps a frozen deep copy of the model at
+  initialisation (the twin; its weights are in the rule's ``state_dict``), ``backward`` takes the
+  real network's output error and back-propagates it through the twin, writing the results into
+  the real network's ``.grad``.
+* **Fixed-point rules (euclidean/reparam/linearized)**: the model is a rate RNN whose forward
+  solves for a fixed point; ``backward`` computes the implicit gradient or its reparameterised
+  variant in closed form and writes it into ``W.grad``.
+
+Rules that hold state (feedback matrices, twins, noise generators) return it from
+:meth:`LearningRule.state_dict` so checkpoints resume exactly. State stored as model buffers is
+saved with the model and needs nothing extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..losses import Loss
+
+
+class StepOutput(NamedTuple):
+    """What a rule reports for one batch: the mean loss and the (clean) network output.
+
+    Both are detached. The loop uses them for the running training loss and accuracy.
+    """
+
+    loss: Tensor
+    output: Tensor
+
+
+class LearningRule:
+    """Base class of all learning rules. Subclasses set ``name`` and implement :meth:`backward`.
+
+    Construct with keyword options (or from a run config with :meth:`from_config`), then call
+    :meth:`attach` once before training. A rule instance belongs to one model.
+    """
+
+    name: ClassVar[str] = ""
+    #: True if the rule only runs forward passes (no autograd graph is built).
+    forward_only: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.model: nn.Module | None = None
+        self.loss: Loss = Loss()
+        self.generator: torch.Generator | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> LearningRule:
+        """Build the rule from a run config (subclasses read their own options from it)."""
+        return cls()
+
+    def attach(
+        self, model: nn.Module, loss: Loss, generator: torch.Generator | None = None
+    ) -> None:
+        """Prepare ``model`` for this rule. ``generator`` is the rule's own seeded RNG."""
+        self.model = model
+        self.loss = loss
+        self.generator = generator
+
+    def detach(self) -> None:
+        """Undo what :meth:`attach` changed in the model (hooks, wrappers). Default: nothing."""
+        self.model = None
+
+    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        """Run the rule on one batch and fill ``.grad`` of the trainable parameters."""
+        raise NotImplementedError
+
+    def diagnostics(self) -> dict[str, float]:
+        """Rule-specific numbers to log once per epoch (default: none)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rule state that is not in the model's buffers (the generator state, twins, ...)."""
+        return {"generator": self.generator.get_state() if self.generator is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        gen_state = state.get("generator")
+        if gen_state is not None and self.generator is not None:
+            self.generator.set_state(gen_state)
+
+
+_REGISTRY: dict[str, type[LearningRule]] = {}
+
+
+def register_rule(name: str) -> Callable[[type[LearningRule]], type[LearningRule]]:
+    """Class decorator: make a rule available by ``name`` (CLI, configs, :func:`get_rule`)."""
+
+    def decorate(cls: type[LearningRule]) -> type[LearningRule]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"learning rule {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_rules() -> tuple[str, ...]:
+    """Names of the registered rules, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def rule_class(name: str) -> type[LearningRule]:
+    """The rule class registered as ``name``; a :class:`UserError` listing the choices otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserError(
+            f"unknown rule {name!r}; choose one of: {', '.join(available_rules())}"
+        ) from None
+
+
+def get_rule(name: str, **options: Any) -> LearningRule:
+    """Instantiate the rule registered as ``name`` with keyword options."""
+    return rule_class(name)(**options)

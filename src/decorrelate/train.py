@@ -1,0 +1,476 @@
+"""The one training loop, shared by every learning rule and every decorrelation method.
+
+Per step: ``rule.backward`` fills ``.grad`` → ``optimizer.step()`` → decorrelators update from
+their stored subsample. Per epoch (and once before training, as epoch 0): evaluate, append a row to
+``metrics.jsonl``, write ``checkpoint.pt`` atomically. Everything random comes from generators
+derived from the run seed, so the same seed gives the same metrics on CPU, and resuming from a
+checkpoint continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, make_config, save_config
+from .data import Dataset, DataSplits, epoch_order, load_dataset
+from .errors import TrainingDiverged, UserError
+from .losses import Loss
+from .models import build_model
+from .rules import LearningRule, rule_class
+from .seeding import derive_seed, make_generator
+
+Log = Callable[[str], None]
+
+#: Options that may differ when a run is resumed (they do not change the maths).
+RESUME_OVERRIDES = ("epochs", "device", "threads", "data_dir", "out")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda if available else cpu; asking for cuda without one is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def load_data(config: TrainConfig) -> DataSplits:
+    """The dataset splits a config asks for."""
+    return load_dataset(
+        config.dataset,
+        data_dir=config.data_dir,
+        val_split=config.val_split,
+        train_size=config.train_size,
+        normalize=config.normalize,
+        synthetic_shape=config.synthetic_shape,
+        synthetic_classes=config.synthetic_classes,
+        synthetic_train=config.synthetic_train,
+        synthetic_test=config.synthetic_test,
+    )
+
+
+def build_network(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The model of ``config`` with decorrelators inserted, initialised from the run seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(config.seed, "model"))
+        model = build_model(
+            config.model,
+            input_shape,
+            num_classes,
+            widths=config.widths,
+            channels=config.channels,
+            activation=config.activation,
+        )
+    if config.decor != "none":
+        from .nn import decorrelate
+
+        options: dict[str, Any] = {
+            "sample_frac": config.decor_sample_frac,
+            "demean": config.decor_demean,
+        }
+        if config.decor_lr is not None:
+            options["lr"] = config.decor_lr
+        if config.decor_kappa is not None:
+            options["kappa"] = config.decor_kappa
+        decorrelate(model, config.decor, **options)
+    return model
+
+
+def build_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.Adam(
+        params, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay
+    )
+
+
+def build_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if config.lr_schedule == "constant":
+        return None
+    total = max(1, config.epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, loss: Loss, batch_size: int) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` on ``data`` (eval mode, no graph)."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=data.x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
+    for x, y in data.batches(batch_size):
+        out = model(x)
+        total_loss += loss(out, y, reduction="sum").double()
+        correct += (out.argmax(-1) == y).sum()
+    model.train(was_training)
+    n = max(1, len(data))
+    return total_loss.item() / n, correct.item() / n
+
+
+def _decor_hooks(model: nn.Module) -> tuple[Callable[[], None] | None, Callable[[], dict]]:
+    """The model's local-update and stats functions, if it contains decorrelators."""
+    try:
+        from .nn import decorrelators, local_stats, local_update
+    except ImportError:
+        return None, dict
+    if not decorrelators(model):
+        return None, dict
+    return (lambda: local_update(model)), (lambda: local_stats(model))
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns: where it lives and its per-epoch metrics."""
+
+    out: Path
+    config: TrainConfig
+    history: list[dict[str, Any]]
+
+    @property
+    def best_test_acc(self) -> float:
+        return max(row["test_acc"] for row in self.history)
+
+    @property
+    def final_test_acc(self) -> float:
+        return self.history[-1]["test_acc"]
+
+    @property
+    def seconds(self) -> float:
+        return self.history[-1]["seconds"]
+
+
+class Trainer:
+    """Holds everything of one run: data, model, rule, optimizer, history.
+
+    Most users call :func:`train`; the class exists so benchmarks and tests can drive single
+    epochs (``train_epoch``) and so resuming is one method (``load``).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        data: DataSplits | None = None,
+        log: Log | None = print,
+        progress: bool | None = None,
+    ) -> None:
+        self.config = config
+        self.log = log or (lambda _msg: None)
+        self.progress = progress
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        splits = data if data is not None else load_data(config)
+        self.train_data = splits.train.to(self.device)
+        self.test_data = splits.test.to(self.device)
+        self.val_data = splits.val.to(self.device) if splits.val is not None else None
+        num_classes = splits.train.num_classes
+        self.model = build_network(config, splits.train.input_shape, num_classes).to(self.device)
+        self.loss = Loss(config.loss)
+        self.rule: LearningRule = rule_class(config.rule).from_config(config)
+        self.rule.attach(
+            self.model, self.loss, make_generator(config.seed, "rule", device=self.device)
+        )
+        self.optimizer = build_optimizer(
+            config, [p for p in self.model.parameters() if p.requires_grad]
+        )
+        self.steps_per_epoch = self.train_data.num_batches(config.batch_size)
+        self.scheduler = build_scheduler(config, self.optimizer, self.steps_per_epoch)
+        self._local_update, self._local_stats = _decor_hooks(self.model)
+        self.epoch = -1  # last completed epoch; 0 = evaluated untrained
+        self.seconds = 0.0  # cumulative training time, excluding evaluation
+        self.history: list[dict[str, Any]] = []
+
+    # -------------------------------------------------------------- one epoch
+    def train_epoch(self, epoch: int, max_steps: int | None = None) -> dict[str, float]:
+        """Train one epoch (data order from ``(seed, epoch)``); running loss and accuracy."""
+        cfg = self.config
+        model, rule, optimizer, scheduler = self.model, self.rule, self.optimizer, self.scheduler
+        local_update = self._local_update
+        order = epoch_order(len(self.train_data), cfg.seed, epoch).to(self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        # A sync per step is free on CPU; on a GPU check for divergence less often.
+        check_every = 1 if self.device.type == "cpu" else 20
+        seen = 0
+        model.train()
+        total = self.steps_per_epoch if max_steps is None else min(max_steps, self.steps_per_epoch)
+        bar = tqdm(
+            total=total,
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=True if self.progress is False else None,
+            dynamic_ncols=True,
+        )
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(self.train_data.batches(cfg.batch_size, order=order)):
+            if step == total:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            out = rule.backward(model, x, y)
+            if step % check_every == 0 and not torch.isfinite(out.loss):
+                self._diverged(epoch, step, out.loss)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if local_update is not None:
+                local_update()
+            loss_sum += out.loss.double() * y.shape[0]
+            correct += (out.output.argmax(-1) == y).sum()
+            seen += y.shape[0]
+            bar.update()
+        if not torch.isfinite(loss_sum):
+            self._diverged(epoch, total - 1, loss_sum)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        bar.close()
+        return {
+            "train_loss": loss_sum.item() / max(1, seen),
+            "train_acc": correct.item() / max(1, seen),
+            "epoch_seconds": elapsed,
+            "steps": total,
+        }
+
+    def _diverged(self, epoch: int, step: int, value: Tensor) -> None:
+        raise TrainingDiverged(
+            f"training loss became {value.item()} at epoch {epoch}, step {step} "
+            f"(rule {self.config.rule}, {self.config.optimizer} lr {self.config.lr:g}); "
+            f"lower --lr; the last good checkpoint is kept"
+        )
+
+    # -------------------------------------------------------------- evaluation row
+    def evaluate_row(self, epoch: int, train_stats: dict[str, float] | None) -> dict[str, Any]:
+        cfg = self.config
+        eval_start = time.perf_counter()
+        if train_stats is None:  # epoch 0: the untrained network, measured on the full train set
+            train_loss, train_acc = evaluate(
+                self.model, self.train_data, self.loss, cfg.eval_batch_size
+            )
+            train_stats = {
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "epoch_seconds": 0.0,
+                "steps": 0,
+            }
+        test_loss, test_acc = evaluate(self.model, self.test_data, self.loss, cfg.eval_batch_size)
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": train_stats["train_loss"],
+            "train_acc": train_stats["train_acc"],
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+        }
+        if self.val_data is not None:
+            row["val_loss"], row["val_acc"] = evaluate(
+                self.model, self.val_data, self.loss, cfg.eval_batch_size
+            )
+        row["seconds"] = self.seconds
+        row["epoch_seconds"] = train_stats["epoch_seconds"]
+        row["steps"] = train_stats["steps"]
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row.update(self._local_stats())
+        row.update(self.rule.diagnostics())
+        row["eval_seconds"] = time.perf_counter() - eval_start
+        return row
+
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "seconds": self.seconds,
+            "history": self.history,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "rule": self.rule.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.rule.load_state_dict(state["rule"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.epoch = state["epoch"]
+        self.seconds = state["seconds"]
+        self.history = list(state["history"])
+
+    def save(self, out: Path) -> None:
+        """Checkpoint first, then metrics: a metrics row never exists without its checkpoint."""
+        ckpt.save_checkpoint(out / ckpt.CHECKPOINT, self.state_dict())
+        ckpt.write_metrics(out / ckpt.METRICS, self.history)
+
+    # -------------------------------------------------------------- the loop
+    def fit(self, out: Path) -> RunResult:
+        """Train up to ``config.epochs``, evaluating and checkpointing after every epoch."""
+        cfg = self.config
+        if self.epoch < 0:
+            self.epoch = 0
+            self._record(self.evaluate_row(0, None), out)
+        for epoch in range(self.epoch + 1, cfg.epochs + 1):
+            stats = self.train_epoch(epoch)
+            self.seconds += stats["epoch_seconds"]
+            self.epoch = epoch
+            self._record(self.evaluate_row(epoch, stats), out)
+        return RunResult(out, cfg, self.history)
+
+    def _record(self, row: dict[str, Any], out: Path) -> None:
+        self.history.append(row)
+        self.save(out)
+        self.log(format_row(row, self.config.epochs))
+
+
+def format_row(row: dict[str, Any], epochs: int) -> str:
+    text = (
+        f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} "
+        f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}"
+    )
+    if "val_acc" in row:
+        text += f"  val acc {row['val_acc']:.4f}"
+    return text + f"  [{row['seconds']:.1f}s]"
+
+
+def summary_line(result: RunResult) -> str:
+    cfg = result.config
+    return (
+        f"done: {cfg.dataset} {cfg.model} rule={cfg.rule} decor={cfg.decor} seed={cfg.seed} "
+        f"epochs={result.history[-1]['epoch']} best_test_acc={result.best_test_acc:.4f} "
+        f"final_test_acc={result.final_test_acc:.4f} train_seconds={result.seconds:.1f} "
+        f"out={result.out}"
+    )
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def train(
+    config: TrainConfig | dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+    log: Log | None = print,
+    progress: bool | None = None,
+    data: DataSplits | None = None,
+) -> RunResult:
+    """Train a fresh run described by ``config`` and write its directory.
+
+    Refuses to overwrite a directory that already holds a checkpoint unless ``overwrite``
+    (use :func:`resume` to continue one).
+    """
+    cfg = config if isinstance(config, TrainConfig) else make_config(config or {})
+    out = ckpt.prepare_out_dir(cfg.out or cfg.default_out())
+    if (out / ckpt.CHECKPOINT).exists() and not overwrite:
+        raise UserError(
+            f"{out} already holds a run; continue it with --resume {out} or pass --overwrite"
+        )
+    cfg = cfg.replace(out=str(out))
+    trainer = Trainer(cfg, data=data, log=log, progress=progress)
+    cfg = _resolved(cfg, trainer)
+    trainer.config = cfg
+    save_config(cfg, out / ckpt.CONFIG)
+    return trainer.fit(out)
+
+
+def resume(
+    run_dir: str | Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    log: Log | None = print,
+    progress: bool | None = None,
+    data: DataSplits | None = None,
+) -> RunResult:
+    """Continue the run in ``run_dir`` from its checkpoint (optionally to more ``epochs``)."""
+    state = ckpt.load_checkpoint(run_dir)
+    overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
+    saved = state["config"]
+    changed = [k for k, v in overrides.items() if k not in RESUME_OVERRIDES and saved.get(k) != v]
+    if changed:
+        raise UserError(
+            f"cannot change {', '.join(changed)} when resuming; only "
+            f"{', '.join(RESUME_OVERRIDES)} may differ"
+        )
+    cfg = make_config(saved, overrides, {"out": str(Path(run_dir))})
+    out = ckpt.prepare_out_dir(cfg.out)
+    trainer = Trainer(cfg, data=data, log=log, progress=progress)
+    trainer.load_state_dict(state)
+    save_config(cfg, out / ckpt.CONFIG)
+    if trainer.epoch >= cfg.epochs and log:
+        log(f"{out} already trained for {trainer.epoch} epochs; pass --epochs N to train longer")
+    return trainer.fit(out)
+
+
+def _resolved(cfg: TrainConfig, trainer: Trainer) -> TrainConfig:
+    """Fill model-specific defaults (widths, channels) so config.json states what ran."""
+    from .models import DEFAULT_CHANNELS, DEFAULT_WIDTHS
+
+    changes: dict[str, Any] = {}
+    if cfg.widths is None:
+        changes["widths"] = list(DEFAULT_WIDTHS[cfg.model])
+    if cfg.channels is None and cfg.model == "convnet":
+        changes["channels"] = list(DEFAULT_CHANNELS)
+    if cfg.device == "auto":
+        changes["device"] = trainer.device.type
+    return cfg.replace(**changes) if changes else cfg
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    split: str = "test",
+    data_dir: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Load a checkpoint (file or run directory) and evaluate it on ``split``."""
+    state = ckpt.load_checkpoint(path)
+    overrides: dict[str, Any] = {"device": device}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    cfg = make_config(state["config"], overrides)
+    splits = load_data(cfg)
+    data = {"train": splits.train, "test": splits.test, "val": splits.val}.get(split)
+    if data is None:
+        raise UserError(
+            f"split {split!r} is not available (choose train, test, or val when the run used "
+            "--val-split)"
+        )
+    dev = resolve_device(cfg.device)
+    model = build_network(cfg, splits.train.input_shape, splits.train.num_classes).to(dev)
+    model.load_state_dict(state["model"])
+    loss, acc = evaluate(model, data.to(dev), Loss(cfg.loss), batch_size or cfg.eval_batch_size)
+    return {
+        "checkpoint": str(path),
+        "epoch": state["epoch"],
+        "split": split,
+        "loss": loss,
+        "acc": acc,
+        "examples": len(data),
+    }
