@@ -129,6 +129,7 @@ def test_compare_writes_table_and_plots(tiny, tmp_path, capsys):
     assert main(args) == 0
     table = (out / "results.md").read_text()
     assert "| bp lr=1e-3 | 2 | 1 |" in table and "| bp lr=3e-3 | 2 | 1 |" in table
+    assert "epochs to" in table and "seconds to" in table
     assert (out / "acc_vs_seconds.png").exists() and (out / "acc_vs_epoch.png").exists()
     results = json.loads((out / "results.json").read_text())
     assert [g["seeds"] for g in results["groups"]] == [2, 2]

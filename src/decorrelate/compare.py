@@ -2,7 +2,8 @@
 
 Runs go sequentially into ``OUT/<label>-s<seed>/``. A finished run found there is reused and an
 interrupted one resumed, so an interrupted comparison continues where it stopped. The summary is a
-markdown table of mean ± std over seeds (best and final test accuracy, training time) written to
+markdown table of mean ± std over seeds (best and final test accuracy, training time, and the
+epochs and seconds each group needs to reach the first group's best accuracy) written to
 ``results.md``, the same numbers in ``results.json``, and PNG plots of the curves.
 """
 
@@ -68,11 +69,25 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def summarise(label: str, histories: list[list[dict[str, Any]]]) -> dict[str, Any]:
+def time_to_accuracy(
+    histories: list[list[dict[str, Any]]], target: float
+) -> tuple[int | None, float | None]:
+    """First epoch (and its training seconds) where the mean test accuracy reaches ``target``."""
+    n = min(len(h) for h in histories)
+    for i in range(n):
+        if statistics.fmean(h[i]["test_acc"] for h in histories) >= target:
+            return histories[0][i]["epoch"], statistics.fmean(h[i]["seconds"] for h in histories)
+    return None, None
+
+
+def summarise(
+    label: str, histories: list[list[dict[str, Any]]], target: float | None = None
+) -> dict[str, Any]:
+    """Mean ± std over seeds; with ``target``, also epochs and seconds to reach it."""
     best = [max(r["test_acc"] for r in h) for h in histories]
     final = [h[-1]["test_acc"] for h in histories]
     secs = [h[-1]["seconds"] for h in histories]
-    return {
+    group = {
         "label": label,
         "seeds": len(histories),
         "best_test_acc": _mean_std(best),
@@ -80,22 +95,64 @@ def summarise(label: str, histories: list[list[dict[str, Any]]]) -> dict[str, An
         "train_seconds": _mean_std(secs),
         "epochs": histories[0][-1]["epoch"],
     }
+    if target is not None:
+        group["target_acc"] = target
+        group["epochs_to_target"], group["seconds_to_target"] = time_to_accuracy(histories, target)
+    return group
+
+
+def reference_target(histories: list[list[dict[str, Any]]]) -> float:
+    """The reference's best seed-mean test accuracy (what the others must reach)."""
+    n = min(len(h) for h in histories)
+    return max(statistics.fmean(h[i]["test_acc"] for h in histories) for i in range(n))
 
 
 def markdown_table(groups: list[dict[str, Any]]) -> str:
     def pm(pair: tuple[float, float], scale: float = 100.0, digits: int = 2) -> str:
         return f"{pair[0] * scale:.{digits}f} ± {pair[1] * scale:.{digits}f}"
 
-    lines = [
-        "| run | seeds | epochs | best test acc (%) | final test acc (%) | train time (s) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    def opt(value: float | None, fmt: str) -> str:
+        return "not reached" if value is None else format(value, fmt)
+
+    with_target = "target_acc" in groups[0]
+    head = "| run | seeds | epochs | best test acc (%) | final test acc (%) | train time (s) |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if with_target:
+        target = groups[0]["target_acc"] * 100
+        head += f" epochs to {target:.2f} % | seconds to {target:.2f} % |"
+        rule += "---:|---:|"
+    lines = [head, rule]
     for g in groups:
-        lines.append(
+        line = (
             f"| {g['label']} | {g['seeds']} | {g['epochs']} | {pm(g['best_test_acc'])} | "
             f"{pm(g['final_test_acc'])} | {pm(g['train_seconds'], 1.0, 1)} |"
         )
+        if with_target:
+            line += f" {opt(g['epochs_to_target'], 'd')} | {opt(g['seconds_to_target'], '.1f')} |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def speedup_lines(groups: list[dict[str, Any]]) -> list[str]:
+    """One sentence per group: epochs and seconds to the reference's best, relative to it."""
+    ref = groups[0]
+    if "target_acc" not in ref or ref["epochs_to_target"] is None:
+        return []
+    lines = []
+    for g in groups[1:]:
+        if g["epochs_to_target"] is None:
+            lines.append(f"{g['label']} did not reach {ref['label']}'s best test accuracy "
+                         f"({ref['target_acc'] * 100:.2f} %) in {g['epochs']} epochs")
+            continue
+        e = g["epochs_to_target"] / max(ref["epochs_to_target"], 1)
+        t = g["seconds_to_target"] / max(ref["seconds_to_target"], 1e-9)
+        lines.append(
+            f"{g['label']} reached {ref['label']}'s best test accuracy "
+            f"({ref['target_acc'] * 100:.2f} %) in {g['epochs_to_target']} epochs / "
+            f"{g['seconds_to_target']:.1f} s vs {ref['epochs_to_target']} / "
+            f"{ref['seconds_to_target']:.1f} s: {e:.2f}x the epochs, {t:.2f}x the wall-clock"
+        )
+    return lines
 
 
 def run_grid(
@@ -130,8 +187,10 @@ def run_grid(
         if log:
             log(f"[{i}/{len(plan)}] {label} seed {cfg.seed} -> {cfg.out}")
         histories.setdefault(label, []).append(_run_one(cfg, log, progress))
-    groups = [summarise(label, hs) for label, hs in histories.items()]
-    table = markdown_table(groups)
+    # The first group (e.g. plain bp) is the reference the others are timed against.
+    target = reference_target(next(iter(histories.values())))
+    groups = [summarise(label, hs, target) for label, hs in histories.items()]
+    table = "\n".join([markdown_table(groups), "", *speedup_lines(groups)]).rstrip()
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(
         json.dumps(
