@@ -20,6 +20,7 @@ from .errors import UserError
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+ALIGNMENT = "alignment.jsonl"
 FORMAT_VERSION = 1
 
 

@@ -53,6 +53,12 @@ def _decor_methods() -> tuple[str, ...]:
     return ("none", *METHODS)
 
 
+def _feedback_inits() -> tuple[str, ...]:
+    from .rules.feedback import FEEDBACK_INITS
+
+    return FEEDBACK_INITS
+
+
 def _losses() -> tuple[str, ...]:
     from .losses import LOSSES
 
@@ -216,6 +222,33 @@ class TrainConfig:
     )
     decor_demean: bool = opt(
         False, "subtract a running mean before decorrelating", "bool", group="rule"
+    )
+    feedback_init: str = opt(
+        "uniform",
+        "fa/dfa: how feedback matrices are drawn (weight: B = W, FA then equals BP)",
+        "str",
+        choices=_feedback_inits,
+        group="rule",
+    )
+    feedback_scale: float = opt(
+        1.0,
+        "fa/dfa: feedback scale relative to the forward init",
+        "float",
+        check=positive,
+        group="rule",
+    )
+    feedback_straight_through: bool = opt(
+        False,
+        "fa: straight-through activations in the backward pass (f' := 1; paper 1's 'DFA')",
+        "bool",
+        group="rule",
+    )
+    alignment_every: int = opt(
+        0,
+        "every N steps log the angle between each layer's update and the BP gradient (0: off)",
+        "int",
+        check=non_negative,
+        group="rule",
     )
     # optimisation
     optimizer: str = opt("adam", "optimizer", "str", choices=OPTIMIZERS)

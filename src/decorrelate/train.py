@@ -25,6 +25,7 @@ from .config import TrainConfig, make_config, save_config
 from .data import Dataset, DataSplits, epoch_order, load_dataset
 from .errors import TrainingDiverged, UserError
 from .losses import Loss
+from .metrics import update_angles
 from .models import build_model
 from .rules import LearningRule, rule_class
 from .seeding import derive_seed, make_generator
@@ -87,6 +88,22 @@ def build_network(config: TrainConfig, input_shape: tuple[int, ...], num_classes
             options["kappa"] = config.decor_kappa
         decorrelate(model, config.decor, **options)
     return model
+
+
+def build_parts(
+    config: TrainConfig, splits: DataSplits, device: torch.device
+) -> tuple[nn.Module, LearningRule, Loss]:
+    """Model (with decorrelators) on ``device``, its attached rule, and the loss.
+
+    Training and :func:`evaluate_checkpoint` both build through here, so a checkpoint's buffers
+    (decorrelation matrices, feedback matrices) always find their modules.
+    """
+    model = build_network(config, splits.train.input_shape, splits.train.num_classes).to(device)
+    loss = Loss(config.loss)
+    rule = rule_class(config.rule).from_config(config)
+    example = splits.train.x[:1].to(device)
+    rule.attach(model, loss, make_generator(config.seed, "rule", device=device), example=example)
+    return model, rule, loss
 
 
 def build_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
@@ -186,13 +203,7 @@ class Trainer:
         self.train_data = splits.train.to(self.device)
         self.test_data = splits.test.to(self.device)
         self.val_data = splits.val.to(self.device) if splits.val is not None else None
-        num_classes = splits.train.num_classes
-        self.model = build_network(config, splits.train.input_shape, num_classes).to(self.device)
-        self.loss = Loss(config.loss)
-        self.rule: LearningRule = rule_class(config.rule).from_config(config)
-        self.rule.attach(
-            self.model, self.loss, make_generator(config.seed, "rule", device=self.device)
-        )
+        self.model, self.rule, self.loss = build_parts(config, splits, self.device)
         self.optimizer = build_optimizer(
             config, [p for p in self.model.parameters() if p.requires_grad]
         )
@@ -202,6 +213,7 @@ class Trainer:
         self.epoch = -1  # last completed epoch; 0 = evaluated untrained
         self.seconds = 0.0  # cumulative training time, excluding evaluation
         self.history: list[dict[str, Any]] = []
+        self.alignment: list[dict[str, Any]] = []  # every --alignment-every steps
 
     # -------------------------------------------------------------- one epoch
     def train_epoch(self, epoch: int, max_steps: int | None = None) -> dict[str, float]:
@@ -209,6 +221,7 @@ class Trainer:
         cfg = self.config
         model, rule, optimizer, scheduler = self.model, self.rule, self.optimizer, self.scheduler
         local_update = self._local_update
+        align_every = cfg.alignment_every
         order = epoch_order(len(self.train_data), cfg.seed, epoch).to(self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -232,6 +245,11 @@ class Trainer:
             out = rule.backward(model, x, y)
             if step % check_every == 0 and not torch.isfinite(out.loss):
                 self._diverged(epoch, step, out.loss)
+            global_step = (epoch - 1) * self.steps_per_epoch + step
+            if align_every and global_step % align_every == 0:
+                row = {"epoch": epoch, "step": global_step}
+                row.update(update_angles(model, rule, x, y))
+                self.alignment.append(row)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -293,6 +311,7 @@ class Trainer:
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row.update(self._local_stats())
         row.update(self.rule.diagnostics())
+        row.update(_epoch_means([r for r in self.alignment if r["epoch"] == epoch]))
         row["eval_seconds"] = time.perf_counter() - eval_start
         return row
 
@@ -303,6 +322,7 @@ class Trainer:
             "epoch": self.epoch,
             "seconds": self.seconds,
             "history": self.history,
+            "alignment": self.alignment,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -323,11 +343,14 @@ class Trainer:
         self.epoch = state["epoch"]
         self.seconds = state["seconds"]
         self.history = list(state["history"])
+        self.alignment = list(state.get("alignment", []))
 
     def save(self, out: Path) -> None:
         """Checkpoint first, then metrics: a metrics row never exists without its checkpoint."""
         ckpt.save_checkpoint(out / ckpt.CHECKPOINT, self.state_dict())
         ckpt.write_metrics(out / ckpt.METRICS, self.history)
+        if self.alignment:
+            ckpt.write_metrics(out / ckpt.ALIGNMENT, self.alignment)
 
     # -------------------------------------------------------------- the loop
     def fit(self, out: Path) -> RunResult:
@@ -347,6 +370,12 @@ class Trainer:
         self.history.append(row)
         self.save(out)
         self.log(format_row(row, self.config.epochs))
+
+
+def _epoch_means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of each ``angle/...`` value over one epoch's alignment measurements."""
+    keys = [k for k in (rows[0] if rows else {}) if k.startswith("angle/")]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
 
 
 def format_row(row: dict[str, Any], epochs: int) -> str:
@@ -463,9 +492,9 @@ def evaluate_checkpoint(
             "--val-split)"
         )
     dev = resolve_device(cfg.device)
-    model = build_network(cfg, splits.train.input_shape, splits.train.num_classes).to(dev)
+    model, _, loss_fn = build_parts(cfg, splits, dev)
     model.load_state_dict(state["model"])
-    loss, acc = evaluate(model, data.to(dev), Loss(cfg.loss), batch_size or cfg.eval_batch_size)
+    loss, acc = evaluate(model, data.to(dev), loss_fn, batch_size or cfg.eval_batch_size)
     return {
         "checkpoint": str(path),
         "epoch": state["epoch"],

@@ -9,9 +9,12 @@ from .base import (
     register_rule,
     rule_class,
 )
+from .feedback import DirectFeedbackAlignment, FeedbackAlignment
 
 __all__ = [
     "Backprop",
+    "DirectFeedbackAlignment",
+    "FeedbackAlignment",
     "LearningRule",
     "StepOutput",
     "available_rules",

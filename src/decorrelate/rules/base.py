@@ -43,7 +43,8 @@ saved with the model and needs nothing extra.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -85,12 +86,30 @@ class LearningRule:
         return cls()
 
     def attach(
-        self, model: nn.Module, loss: Loss, generator: torch.Generator | None = None
+        self,
+        model: nn.Module,
+        loss: Loss,
+        generator: torch.Generator | None = None,
+        example: Tensor | None = None,
     ) -> None:
-        """Prepare ``model`` for this rule. ``generator`` is the rule's own seeded RNG."""
+        """Prepare ``model`` for this rule.
+
+        ``generator`` is the rule's own seeded RNG (feedback matrices, noise). ``example`` is an
+        input batch for rules whose buffers depend on activation shapes (DFA): with it they are
+        created now, so a checkpoint can be loaded right after ``attach``.
+        """
         self.model = model
         self.loss = loss
         self.generator = generator
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Within the block, plain autograd on the model gives true BP gradients.
+
+        Rules that change the backward pass (FA's hooks) switch that off here; the alignment
+        metrics use it to get the BP reference on the same batch. Default: nothing to switch.
+        """
+        yield
 
     def detach(self) -> None:
         """Undo what :meth:`attach` changed in the model (hooks, wrappers). Default: nothing."""
