@@ -39,10 +39,28 @@ def _activations() -> tuple[str, ...]:
     return ACTIVATIONS
 
 
+#: Rule names that are shorthands for a rule plus decorrelation (paper 2's decorrelated NP
+#: variants use the copi rule with decorrelation learning rate 1e-3).
+RULE_SHORTHANDS = {"dnp": "np", "dinp": "inp", "danp": "anp"}
+SHORTHAND_DECOR = {"decor": "copi", "decor_lr": 1e-3}
+
+
 def _rules() -> tuple[str, ...]:
     from .rules import available_rules
 
-    return available_rules()
+    return (*available_rules(), *RULE_SHORTHANDS)
+
+
+def expand_shorthands(values: dict[str, Any]) -> dict[str, Any]:
+    """``rule: danp`` → ``rule: anp`` with copi decorrelation unless another method is given."""
+    rule = values.get("rule")
+    if rule not in RULE_SHORTHANDS:
+        return values
+    values = {**values, "rule": RULE_SHORTHANDS[rule]}
+    if values.get("decor", "none") == "none":
+        values["decor"] = SHORTHAND_DECOR["decor"]
+        values.setdefault("decor_lr", SHORTHAND_DECOR["decor_lr"])
+    return values
 
 
 def _decor_methods() -> tuple[str, ...]:
@@ -57,6 +75,12 @@ def _feedback_inits() -> tuple[str, ...]:
     from .rules.feedback import FEEDBACK_INITS
 
     return FEEDBACK_INITS
+
+
+def _noises() -> tuple[str, ...]:
+    from .rules.perturbation import NOISES
+
+    return NOISES
 
 
 def _losses() -> tuple[str, ...]:
@@ -243,6 +267,25 @@ class TrainConfig:
         "bool",
         group="rule",
     )
+    np_sigma: float = opt(
+        1e-3, "np/inp/anp: noise scale sigma", "float", check=positive, group="rule"
+    )
+    np_samples: int = opt(
+        1,
+        "np/inp/anp: noisy passes K per clean pass (per layer for inp)",
+        "int",
+        check=positive,
+        group="rule",
+    )
+    np_noise: str = opt(
+        "gaussian", "np/inp/anp: noise source", "str", choices=_noises, group="rule"
+    )
+    np_inaccessible: bool = opt(
+        False,
+        "anp: the noise cannot be read; learn from pairs of noisy passes, no clean pass",
+        "bool",
+        group="rule",
+    )
     alignment_every: int = opt(
         0,
         "every N steps log the angle between each layer's update and the BP gradient (0: off)",
@@ -410,7 +453,7 @@ def make_config(*layers: Mapping[str, Any] | None) -> TrainConfig:
                     f"{', '.join(n.replace('_', '-') for n in FIELDS)}"
                 )
             values[name] = coerce(name, value)
-    return validate(TrainConfig(**values))
+    return validate(TrainConfig(**expand_shorthands(values)))
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

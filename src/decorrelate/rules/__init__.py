@@ -10,12 +10,17 @@ from .base import (
     rule_class,
 )
 from .feedback import DirectFeedbackAlignment, FeedbackAlignment
+from .perturbation import ActivityNP, IterativeNP, NodePerturbation, RecordedNoise
 
 __all__ = [
+    "ActivityNP",
     "Backprop",
     "DirectFeedbackAlignment",
     "FeedbackAlignment",
+    "IterativeNP",
     "LearningRule",
+    "NodePerturbation",
+    "RecordedNoise",
     "StepOutput",
     "available_rules",
     "get_rule",

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .base import LearningRule, StepOutput, register_rule
+from .layers import decorrelator_type, fold_r, inner_layer, trainable_layers
 
 FEEDBACK_INITS = ("uniform", "gaussian", "sign-symmetric", "weight")
 """How B is drawn. ``uniform``: U(−s, s) with s = scale/√fan_in, like PyTorch's default forward
@@ -57,8 +58,6 @@ ELEMENTWISE = (
     nn.Hardtanh,
     nn.ReLU6,
 )
-#: Parameterised modules allowed between feedback points (their own, local gradients are used).
-ALLOWED_PARAMETRISED = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 class _RouteError(torch.autograd.Function):
@@ -73,60 +72,6 @@ class _RouteError(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor | None, None]:
         grad_x = ctx.send(grad_out) if ctx.needs_input_grad[1] else None
         return grad_out, grad_x, None
-
-
-def _decorrelator_type() -> type[nn.Module] | None:
-    try:
-        from ..nn import Decorrelator
-    except ImportError:
-        return None
-    return Decorrelator
-
-
-def feedback_points(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers whose input error a feedback rule replaces, in forward order.
-
-    Plain ``nn.Linear`` / ``nn.Conv2d`` modules and decorrelated wrappers of them (the layer
-    inside a wrapper is not listed separately). Other modules with parameters are refused unless
-    they are normalisation layers, whose local gradients are kept as in BP.
-    """
-    decor = _decorrelator_type()
-    points: list[tuple[str, nn.Module]] = []
-    inside: set[int] = set()
-    for name, module in model.named_modules():
-        if id(module) in inside:
-            continue
-        if decor is not None and isinstance(module, decor):
-            points.append((name, module))
-            inside.update(id(m) for m in module.modules())
-        elif type(module) in (nn.Linear, nn.Conv2d):
-            points.append((name, module))
-        elif any(True for _ in module.parameters(recurse=False)) and not isinstance(
-            module, ALLOWED_PARAMETRISED
-        ):
-            raise UserError(
-                f"feedback rules support nn.Linear and nn.Conv2d layers; {name or 'the model'} "
-                f"is a {type(module).__name__} with its own parameters"
-            )
-    for name, module in points:
-        conv = _inner(module)
-        if isinstance(conv, nn.Conv2d) and conv.groups != 1:
-            raise UserError(
-                f"feedback rules need groups=1 convolutions; {name} has groups={conv.groups}"
-            )
-    if not points:
-        raise UserError("the model has no nn.Linear or nn.Conv2d layer for a feedback rule")
-    return points
-
-
-def _inner(module: nn.Module) -> nn.Module:
-    """The Linear/Conv2d itself (inside a decorrelated wrapper, its ``.layer``)."""
-    return module.layer if hasattr(module, "fold") and hasattr(module, "layer") else module
-
-
-def _fold(module: nn.Module, matrix: Tensor) -> Tensor:
-    """``matrix`` times R for a decorrelated layer (the error then goes back through Rᵀ)."""
-    return module.fold(matrix) if hasattr(module, "fold") else matrix
 
 
 def _draw(
@@ -242,9 +187,9 @@ class FeedbackAlignment(_FeedbackRule):
         example: Tensor | None = None,
     ) -> None:
         super().attach(model, loss, generator)
-        self.points = feedback_points(model)
+        self.points = trainable_layers(model)
         for _, module in self.points:
-            layer = _inner(module)
+            layer = inner_layer(module)
             if self.feedback_init != "weight":
                 w = layer.weight
                 fan_in = w[0].numel()
@@ -272,7 +217,7 @@ class FeedbackAlignment(_FeedbackRule):
 
     def feedback(self, module: nn.Module) -> Tensor:
         """The current B of a feedback point, shaped like its weight (before folding with R)."""
-        w = _inner(module).weight
+        w = inner_layer(module).weight
         if self.feedback_init == "weight":
             return w.detach()
         b = getattr(module, self.buffer_name)
@@ -282,8 +227,8 @@ class FeedbackAlignment(_FeedbackRule):
         x = self._pop_input(module)
         if x is None:
             return None
-        layer = _inner(module)
-        b = _fold(module, self.feedback(module))
+        layer = inner_layer(module)
+        b = fold_r(module, self.feedback(module))
         if isinstance(layer, nn.Conv2d):
             shape = x.shape
 
@@ -318,7 +263,7 @@ class FeedbackAlignment(_FeedbackRule):
         return StepOutput(loss.detach(), output.detach())
 
     def feedback_pairs(self) -> dict[str, tuple[Tensor, Tensor]]:
-        return {name: (_inner(m).weight.detach(), self.feedback(m)) for name, m in self.points}
+        return {name: (inner_layer(m).weight.detach(), self.feedback(m)) for name, m in self.points}
 
 
 def _is_unknown_nonlinearity(module: nn.Module) -> bool:
@@ -339,7 +284,7 @@ def _is_unknown_nonlinearity(module: nn.Module) -> bool:
         nn.GroupNorm,
         *ELEMENTWISE,
     )
-    decor = _decorrelator_type()
+    decor = decorrelator_type()
     if decor is not None and isinstance(module, decor):
         return False
     return not isinstance(module, known) and not list(module.children())
@@ -369,7 +314,7 @@ class DirectFeedbackAlignment(_FeedbackRule):
                 f"feedback init {self.feedback_init!r} needs B shaped like W; DFA's B maps the "
                 "output error to a hidden layer (use uniform or gaussian)"
             )
-        self.points = feedback_points(model)
+        self.points = trainable_layers(model)
         self._hidden: list[tuple[nn.Module, Tensor]] = []
         for _, module in self.points[1:]:
             self._handles.append(module.register_forward_pre_hook(self._cut_hidden))

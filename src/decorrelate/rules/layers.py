@@ -1,0 +1,70 @@
+"""The layers a learning rule acts on: Linear, Conv2d, or a decorrelated wrapper of one.
+
+Feedback alignment replaces the error each such layer sends back; node perturbation perturbs
+their outputs and writes their weight gradients itself. Both find the layers here, and both treat
+a decorrelated wrapper (a = W R x) as one layer whose effective weight is W R.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..errors import UserError
+
+#: Parameterised modules allowed between the layers (their own, local gradients are used).
+ALLOWED_PARAMETRISED = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def decorrelator_type() -> type[nn.Module] | None:
+    """The decorrelated-layer base class, if :mod:`decorrelate.nn` is available."""
+    try:
+        from ..nn import Decorrelator
+    except ImportError:
+        return None
+    return Decorrelator
+
+
+def trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers a rule trains (FA reroutes their error, NP perturbs them), in forward order.
+
+    Plain ``nn.Linear`` / ``nn.Conv2d`` modules and decorrelated wrappers of them (the layer
+    inside a wrapper is not listed separately). Other modules with parameters are refused unless
+    they are normalisation layers, whose local gradients are kept as in BP.
+    """
+    decor = decorrelator_type()
+    points: list[tuple[str, nn.Module]] = []
+    inside: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in inside:
+            continue
+        if decor is not None and isinstance(module, decor):
+            points.append((name, module))
+            inside.update(id(m) for m in module.modules())
+        elif type(module) in (nn.Linear, nn.Conv2d):
+            points.append((name, module))
+        elif any(True for _ in module.parameters(recurse=False)) and not isinstance(
+            module, ALLOWED_PARAMETRISED
+        ):
+            raise UserError(
+                f"this rule supports nn.Linear and nn.Conv2d layers; {name or 'the model'} is a "
+                f"{type(module).__name__} with its own parameters"
+            )
+    for name, module in points:
+        conv = inner_layer(module)
+        if isinstance(conv, nn.Conv2d) and conv.groups != 1:
+            raise UserError(
+                f"this rule needs groups=1 convolutions; {name} has groups={conv.groups}"
+            )
+    if not points:
+        raise UserError("the model has no nn.Linear or nn.Conv2d layer for this rule")
+    return points
+
+
+def inner_layer(module: nn.Module) -> nn.Module:
+    """The Linear/Conv2d itself (inside a decorrelated wrapper, its ``.layer``)."""
+    return module.layer if hasattr(module, "fold") and hasattr(module, "layer") else module
+
+
+def fold_r(module: nn.Module, matrix: Tensor) -> Tensor:
+    """``matrix`` times R for a decorrelated layer (the error then goes back through Rᵀ)."""
+    return module.fold(matrix) if hasattr(module, "fold") else matrix

@@ -1,0 +1,191 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decorrelate import Loss, UserError, get_rule, make_config, train
+from decorrelate.rules import RecordedNoise, perturbation
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)
+    ).double()
+
+
+def data(n: int = 32, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(
+        0, 3, (n,), generator=g
+    )
+
+
+def bp_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    Loss()(model(x), y).backward()
+    out = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def rule_grads(rule, model, x, y):
+    model.zero_grad(set_to_none=True)
+    rule.backward(model, x, y)
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def cosine(a, b):
+    return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+@pytest.mark.parametrize(("name", "samples"), [("np", 12000), ("inp", 3000), ("anp", 30000)])
+def test_average_update_approaches_the_bp_gradient(name, samples):
+    model = tiny_mlp()
+    x, y = data()
+    bp = bp_grads(model, x, y)
+    # K resamples in one batched forward: the average of many single-sample estimates
+    # (classic NP's variance grows with the number of perturbed units, so it needs more)
+    rule = get_rule(name, sigma=1e-4, samples=samples)
+    rule.attach(model, Loss(), torch.Generator().manual_seed(0))
+    got = rule_grads(rule, model, x, y)
+    for g, b in zip(got, bp, strict=True):
+        assert cosine(g, b) >= 0.9
+
+
+@pytest.mark.parametrize("name", ["np", "inp"])
+def test_single_sample_estimate_is_unbiased_within_its_standard_error(name):
+    model = tiny_mlp()
+    x, y = data(8)
+    bp = torch.cat([g.flatten() for g in bp_grads(model, x, y)])
+    rule = get_rule(name, sigma=1e-5, samples=1)
+    rule.attach(model, Loss(), torch.Generator().manual_seed(0))
+    draws = torch.stack(
+        [torch.cat([g.flatten() for g in rule_grads(rule, model, x, y)]) for _ in range(1500)]
+    )
+    z = (draws.mean(0) - bp) / (draws.std(0) / draws.shape[0] ** 0.5)
+    # unbiased: z-scores look standard normal (no parameter more than 4.5 SE off, most < 2)
+    assert z.abs().max() < 4.5
+    assert (z.abs() < 2).float().mean() > 0.85
+
+
+def test_classic_np_expectation_for_a_single_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3)).double()
+    x, y = data()
+    bp = bp_grads(model, x, y)
+    rule = get_rule("np", sigma=1e-4, samples=4000)
+    rule.attach(model, Loss(), torch.Generator().manual_seed(2))
+    got = rule_grads(rule, model, x, y)
+    for g, b in zip(got, bp, strict=True):
+        assert cosine(g, b) > 0.98
+        assert torch.linalg.vector_norm(g) / torch.linalg.vector_norm(b) == pytest.approx(
+            1, abs=0.1
+        )
+
+
+def test_conv_layers_are_perturbed_and_updated_with_their_patches():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(2 * 2 * 2, 3),
+    ).double()
+    x = torch.randn(16, 2, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,))
+    bp = bp_grads(model, x, y)
+    rule = get_rule("inp", sigma=1e-4, samples=2000)
+    rule.attach(model, Loss(), torch.Generator().manual_seed(0))
+    got = rule_grads(rule, model, x, y)
+    for g, b in zip(got, bp, strict=True):
+        assert cosine(g, b) > 0.9
+
+
+def test_inaccessible_anp_never_keeps_the_noise_and_still_learns(monkeypatch):
+    produced = []
+
+    def hidden_sampler(shape, generator, device, dtype):
+        values = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        produced.append(values)  # only the noise source itself sees these
+        return values
+
+    added = []
+    original = perturbation._Injector.add
+
+    def spy(self, index, out, copies, batch):
+        added.append(self.keep)
+        return original(self, index, out, copies, batch)
+
+    monkeypatch.setattr(perturbation._Injector, "add", spy)
+    model = tiny_mlp()
+    x, y = data()
+    bp = bp_grads(model, x, y)
+    rule = get_rule("anp", sigma=1e-4, samples=30000, noise=hidden_sampler, inaccessible=True)
+    rule.attach(model, Loss(), torch.Generator().manual_seed(0))
+    got = rule_grads(rule, model, x, y)
+    assert produced and added and not any(added)  # noise added, never kept for the rule
+    assert rule.plan()[0] == 60000  # pairs of noisy passes, no clean pass
+    for g, b in zip(got, bp, strict=True):
+        assert cosine(g, b) >= 0.9
+    with pytest.raises(UserError, match="only anp"):
+        get_rule("np", inaccessible=True)
+
+
+def test_noise_sources():
+    gen = torch.Generator().manual_seed(0)
+    shape = (20000,)
+    for name, mean, var in [
+        ("gaussian", 0, 1),
+        ("centred-bernoulli", 0, 1),
+        ("bernoulli", 0.5, 0.25),
+    ]:
+        v = perturbation.noise_source(name)(shape, gen, torch.device("cpu"), torch.float64)
+        assert float(v.mean()) == pytest.approx(mean, abs=0.03)
+        assert float(v.var()) == pytest.approx(var, abs=0.03)
+    trace = RecordedNoise(torch.arange(5.0))
+    a = trace((2, 2), None, torch.device("cpu"), torch.float32)
+    b = trace((3,), None, torch.device("cpu"), torch.float32)
+    assert a.flatten().tolist() == [0, 1, 2, 3] and b.tolist() == [4, 0, 1]
+    with pytest.raises(UserError, match="unknown noise"):
+        get_rule("np", noise="pink")
+
+
+def test_forward_only_no_graph_and_deterministic():
+    model = tiny_mlp()
+    x, y = data()
+    seen = []
+    model[0].register_forward_hook(lambda m, a, o: seen.append(o.requires_grad))
+    grads = []
+    for _ in range(2):
+        rule = get_rule("anp", samples=4)
+        rule.attach(model, Loss(), torch.Generator().manual_seed(7))
+        out = rule.backward(model, x, y)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    assert seen and not any(seen)  # no autograd graph anywhere in the forward
+    assert not out.loss.requires_grad and out.output.shape == (32, 3)
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_shorthands_and_training_runs(tiny, tmp_path):
+    cfg = make_config({"rule": "danp"})
+    assert (cfg.rule, cfg.decor, cfg.decor_lr) == ("anp", "copi", 1e-3)
+    runs = [
+        train(
+            {
+                **tiny,
+                "rule": "anp",
+                "np_samples": 2,
+                "lr": 3e-3,
+                "epochs": 1,
+                "out": str(tmp_path / f"r{i}"),
+            },
+            log=None,
+        ).history
+        for i in range(2)
+    ]
+    strip = [[{k: v for k, v in r.items() if "seconds" not in k} for r in h] for h in runs]
+    assert strip[0] == strip[1]
+    assert runs[0][-1]["train_loss"] < runs[0][0]["train_loss"]
