@@ -108,7 +108,6 @@ class _FeedbackRule(LearningRule):
         self.feedback_scale = feedback_scale
         self.points: list[tuple[str, nn.Module]] = []
         self._handles: list[Any] = []
-        self._inputs: dict[int, list[Tensor]] = {}
         self.active = True
 
     @classmethod
@@ -132,19 +131,6 @@ class _FeedbackRule(LearningRule):
                 delattr(module, self.buffer_name)
         self._handles, self.points = [], []
         super().detach()
-
-    def _cut_input(self, module: nn.Module, args: tuple) -> tuple | None:
-        """Pre-hook: give the layer a detached input and remember the original."""
-        x = args[0]
-        if not self.active or not isinstance(x, Tensor) or not x.requires_grad:
-            self._inputs.setdefault(id(module), []).append(None)
-            return None
-        self._inputs.setdefault(id(module), []).append(x)
-        return (x.detach(), *args[1:])
-
-    def _pop_input(self, module: nn.Module) -> Tensor | None:
-        stack = self._inputs.get(id(module))
-        return stack.pop() if stack else None
 
     def feedback_pairs(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{layer: (W, B)}`` for the W–B alignment diagnostics (B shaped like W for FA)."""
@@ -170,6 +156,7 @@ class FeedbackAlignment(_FeedbackRule):
     ) -> None:
         super().__init__(feedback_init, feedback_scale)
         self.straight_through = straight_through
+        self._inputs: dict[int, list[Tensor | None]] = {}  # per layer, a stack of inputs
 
     @classmethod
     def from_config(cls, config: Any) -> FeedbackAlignment:
@@ -214,6 +201,19 @@ class FeedbackAlignment(_FeedbackRule):
                     raise UserError(
                         f"straight-through FA cannot handle {name} ({type(module).__name__})"
                     )
+
+    def _cut_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Pre-hook: give the layer a detached input and remember the original."""
+        x = args[0]
+        if not self.active or not isinstance(x, Tensor) or not x.requires_grad:
+            self._inputs.setdefault(id(module), []).append(None)
+            return None
+        self._inputs.setdefault(id(module), []).append(x)
+        return (x.detach(), *args[1:])
+
+    def _pop_input(self, module: nn.Module) -> Tensor | None:
+        stack = self._inputs.get(id(module))
+        return stack.pop() if stack else None
 
     def feedback(self, module: nn.Module) -> Tensor:
         """The current B of a feedback point, shaped like its weight (before folding with R)."""
