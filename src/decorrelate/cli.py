@@ -116,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="PNG prefix (default: plot in the first RUN_DIR)")
 
+    p = sub.add_parser(
+        "reproduce",
+        help="run a named experiment suite (tables and PNG plots)",
+        description="Run a named suite from decorrelate/experiments (see --list). Finished runs "
+        "found in OUT are reused.",
+    )
+    p.add_argument("name", nargs="?", help="suite name (see --list)")
+    p.add_argument("--out", default=None, help="output directory (default runs/NAME)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes on synthetic data (smoke test)")
+    p.add_argument("--list", action="store_true", help="list the suite names")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint.pt")
+    p.add_argument("--quiet", action="store_true", help="print only the files written")
+
     p = sub.add_parser("demo", help="the README demo: MNIST, MLP, Adam, compared side by side")
     p.add_argument("--epochs", default="3")
     p.add_argument("--out", default="runs/demo")
@@ -215,6 +228,24 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .align import run_suite, suite_names
+
+    if args.list or not args.name:
+        print("\n".join(suite_names()))
+        return 0 if args.list else EXIT_USER
+    files = run_suite(
+        args.name,
+        Path(args.out or f"runs/{args.name}"),
+        quick=args.quick,
+        log=None if args.quiet else print,
+        keep_checkpoints=args.keep_checkpoints,
+    )
+    for path in files:
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .compare import run_demo
 
@@ -235,6 +266,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "compare": _cmd_compare,
     "plot": _cmd_plot,
+    "reproduce": _cmd_reproduce,
     "demo": _cmd_demo,
 }
 

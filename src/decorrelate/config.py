@@ -293,6 +293,13 @@ class TrainConfig:
         check=non_negative,
         group="rule",
     )
+    alignment_score: bool = opt(
+        False,
+        "bp only: also accumulate the align-zero prediction of the weight change and log the "
+        "alignment score per layer (and its shuffled control) every epoch",
+        "bool",
+        group="rule",
+    )
     # optimisation
     optimizer: str = opt("adam", "optimizer", "str", choices=OPTIMIZERS)
     lr: float = opt(1e-3, "learning rate", "float", check=positive)

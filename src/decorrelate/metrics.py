@@ -4,6 +4,9 @@
   the true backprop gradient on the same batch (0° = BP's direction, 90° = orthogonal).
 * :func:`weight_feedback_alignment` — per layer, the angle between W and a feedback matrix B of
   the same shape, and the norm ratio ‖B‖/‖W‖ (feedback alignment's own diagnostic).
+* :func:`alignment_score` — the Align paper's score: cosine between the Gram matrices ΔWᵀΔW of
+  two weight changes (exact, or estimated with random probes); :func:`shuffled` gives the
+  chance-level control and :func:`alignment_scores` both for a set of layers.
 """
 
 from __future__ import annotations
@@ -69,3 +72,80 @@ def update_angles(model: nn.Module, rule: object, x: Tensor, y: Tensor) -> dict[
         for n, _ in params
         if saved[n] is not None and bp[n] is not None
     }
+
+
+# ----------------------------------------------------------------------------- alignment score
+
+
+def _as_matrix(t: Tensor) -> Tensor:
+    """A weight change as a double [out, fan_in] matrix (conv kernels flattened per output)."""
+    return t.detach().reshape(t.shape[0], -1).double() if t.ndim > 1 else t.detach().double()[None]
+
+
+def alignment_score(
+    dw: Tensor,
+    dw_hat: Tensor,
+    *,
+    probes: int | None = None,
+    generator: torch.Generator | None = None,
+) -> float:
+    """A = tr((ΔWᵀΔW)(ΔŴᵀΔŴ)) / (‖ΔWᵀΔW‖_F ‖ΔŴᵀΔŴ‖_F), in [0, 1] (Boopathy & Fiete 2022).
+
+    The cosine between the input-side Gram matrices of two weight changes of one layer (e.g. BP's
+    accumulated ΔW and the align-zero prediction ΔŴ): 1 when ΔW and ΔŴ weight the same input
+    directions alike, whatever their output-side structure. Both Gram matrices are positive
+    semi-definite, so A ≥ 0; its chance level (see :func:`shuffled`) depends on how concentrated
+    ΔWᵀΔW is, and is near 0 only for low-rank, input-structured changes such as trained weights.
+
+    Exact by default, in O(min(out, in)·out·in) via tr(AᵀA BᵀB) = ‖A Bᵀ‖²_F. With ``probes = k``
+    a Hutchinson estimate from k Gaussian probes v (tr(G₁G₂) ≈ ⟨G₁v, G₂v⟩, ‖G‖²_F ≈ ‖Gv‖²), in
+    O(k·out·in), drawn from ``generator``. nan if either change is zero.
+    """
+    a, b = _as_matrix(dw), _as_matrix(dw_hat)
+    if a.shape != b.shape:
+        raise ValueError(f"weight changes differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if probes is not None:
+        if probes < 1:
+            raise ValueError(f"probes must be >= 1, got {probes}")
+        v = torch.randn(a.shape[1], probes, generator=generator, dtype=a.dtype, device=a.device)
+        ga, gb = a.T @ (a @ v), b.T @ (b @ v)
+        cross, na, nb = (ga * gb).sum(), ga.pow(2).sum().sqrt(), gb.pow(2).sum().sqrt()
+    elif a.shape[0] <= a.shape[1]:  # out-side products are the smaller ones
+        cross = (a @ b.T).pow(2).sum()
+        na = torch.linalg.matrix_norm(a @ a.T)
+        nb = torch.linalg.matrix_norm(b @ b.T)
+    else:
+        ga, gb = a.T @ a, b.T @ b
+        cross, na, nb = (ga * gb).sum(), torch.linalg.matrix_norm(ga), torch.linalg.matrix_norm(gb)
+    if na == 0 or nb == 0:
+        return math.nan
+    return float(cross / (na * nb))
+
+
+def shuffled(t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``t`` with its entries randomly permuted: the chance-level control for alignment scores.
+
+    Keeps the distribution of values and destroys which input each value belongs to.
+    """
+    flat = t.detach().flatten()
+    order = torch.randperm(flat.numel(), generator=generator, device="cpu").to(flat.device)
+    return flat[order].reshape(t.shape)
+
+
+def alignment_scores(
+    changes: dict[str, tuple[Tensor, Tensor]],
+    *,
+    probes: int | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """``{"align_score/<layer>": A, "align_score_shuffled/<layer>": A_control}`` per layer.
+
+    ``changes`` maps a layer name to (ΔW, ΔŴ); the control scores ΔW against a shuffled ΔŴ.
+    """
+    out: dict[str, float] = {}
+    for name, (dw, dw_hat) in changes.items():
+        out[f"align_score/{name}"] = alignment_score(dw, dw_hat, probes=probes, generator=generator)
+        out[f"align_score_shuffled/{name}"] = alignment_score(
+            dw, shuffled(dw_hat, generator), probes=probes, generator=generator
+        )
+    return out

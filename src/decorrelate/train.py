@@ -101,6 +101,12 @@ def build_parts(
     model = build_network(config, splits.train.input_shape, splits.train.num_classes).to(device)
     loss = Loss(config.loss)
     rule = rule_class(config.rule).from_config(config)
+    if config.alignment_score:
+        if config.rule != "bp":
+            raise UserError("--alignment-score measures BP training; use it with --rule bp")
+        from .align import AlignmentProbe
+
+        rule = AlignmentProbe()
     example = splits.train.x[:1].to(device)
     rule.attach(model, loss, make_generator(config.seed, "rule", device=device), example=example)
     return model, rule, loss
@@ -463,7 +469,7 @@ def _resolved(cfg: TrainConfig, trainer: Trainer) -> TrainConfig:
     changes: dict[str, Any] = {}
     if cfg.widths is None:
         changes["widths"] = list(DEFAULT_WIDTHS[cfg.model])
-    if cfg.channels is None and cfg.model == "convnet":
+    if cfg.channels is None and cfg.model in ("convnet", "convnet-ntk"):
         changes["channels"] = list(DEFAULT_CHANNELS)
     if cfg.device == "auto":
         changes["device"] = trainer.device.type

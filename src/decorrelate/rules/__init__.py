@@ -1,5 +1,6 @@
 """Learning rules: each fills ``.grad``; see :mod:`decorrelate.rules.base` for the protocol."""
 
+from .align import AlignAda, AlignProp, AlignZero, LastLayer
 from .backprop import Backprop
 from .base import (
     LearningRule,
@@ -14,10 +15,14 @@ from .perturbation import ActivityNP, IterativeNP, NodePerturbation, RecordedNoi
 
 __all__ = [
     "ActivityNP",
+    "AlignAda",
+    "AlignProp",
+    "AlignZero",
     "Backprop",
     "DirectFeedbackAlignment",
     "FeedbackAlignment",
     "IterativeNP",
+    "LastLayer",
     "LearningRule",
     "NodePerturbation",
     "RecordedNoise",

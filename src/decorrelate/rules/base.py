@@ -149,9 +149,25 @@ def register_rule(name: str) -> Callable[[type[LearningRule]], type[LearningRule
     return decorate
 
 
+#: The order in which rules are listed (help texts, error messages); others follow.
+_LISTING_ORDER = (
+    "bp",
+    "fa",
+    "dfa",
+    "np",
+    "inp",
+    "anp",
+    "align-zero",
+    "align-ada",
+    "align-prop",
+    "last-layer",
+)
+
+
 def available_rules() -> tuple[str, ...]:
-    """Names of the registered rules, in registration order."""
-    return tuple(_REGISTRY)
+    """Names of the registered rules: the families in a fixed order, then any others."""
+    known = [n for n in _LISTING_ORDER if n in _REGISTRY]
+    return (*known, *(n for n in _REGISTRY if n not in _LISTING_ORDER))
 
 
 def rule_class(name: str) -> type[LearningRule]:

@@ -1,0 +1,96 @@
+"""The alignment-score probe: train with backprop, and predict the weight change with align-zero.
+
+The Align paper's measurement: train a network with ordinary BP (ΔW = W_T − W_0), and alongside
+accumulate ΔŴ = Σ_t u_t, where u_t is the align-zero update driven by the *BP network's* output
+error on the same batch (back-propagated through the frozen initial twin, times the twin's input
+activity). The score per layer is the cosine between ΔWᵀΔW and ΔŴᵀΔŴ
+(:func:`decorrelate.metrics.alignment_score`); a shuffled ΔŴ gives the chance-level control.
+In wide networks it should approach 1.
+
+:class:`AlignmentProbe` is a learning rule (it fills ``.grad`` exactly like ``bp``) whose
+:meth:`~AlignmentProbe.diagnostics` report the scores, so the ordinary training loop logs them in
+``metrics.jsonl`` every epoch. Plain SGD with a constant learning rate is assumed: then ΔW_BP is
+−η Σ g_t and the score (scale invariant) compares like with like.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..metrics import alignment_scores
+from ..rules.align import AlignZero
+from ..rules.base import LearningRule, StepOutput
+from ..rules.layers import inner_layer
+
+
+class AlignmentProbe(LearningRule):
+    """Backprop that also accumulates the align-zero prediction of its weight change.
+
+    ``probes``: None for exact scores, or the number of random probes for the estimate.
+    """
+
+    name = "bp-probe"
+
+    def __init__(self, probes: int | None = None) -> None:
+        super().__init__()
+        self.probes = probes
+        self.zero = AlignZero()
+        self.initial: dict[str, Tensor] = {}
+        self.predicted: dict[str, Tensor] = {}
+        self._layers: dict[str, nn.Module] = {}
+
+    def attach(
+        self,
+        model: nn.Module,
+        loss: Any,
+        generator: torch.Generator | None = None,
+        example: Tensor | None = None,
+    ) -> None:
+        super().attach(model, loss, generator)
+        self.zero.attach(model, loss, None)
+        self._layers = {name: inner_layer(m) for name, m in self.zero.points}
+        self.initial = {n: layer.weight.detach().clone() for n, layer in self._layers.items()}
+        self.predicted = {n: torch.zeros_like(w) for n, w in self.initial.items()}
+
+    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        output = model(x)
+        loss = self.loss(output, y)
+        (error,) = torch.autograd.grad(loss, output, retain_graph=True)
+        loss.backward()
+        by_layer = {id(layer): name for name, layer in self._layers.items()}
+        with torch.no_grad():
+            for layer, gw, _ in self.zero.updates_for_error(x, error.detach()):
+                self.predicted[by_layer[id(layer)]].add_(gw)
+        return StepOutput(loss.detach(), output.detach())
+
+    def changes(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{layer: (ΔW of BP so far, ΔŴ predicted by align-zero)}`` (both as descent steps)."""
+        return {
+            name: (layer.weight.detach() - self.initial[name], -self.predicted[name])
+            for name, layer in self._layers.items()
+        }
+
+    def diagnostics(self) -> dict[str, float]:
+        """``align_score/<layer>`` and ``align_score_shuffled/<layer>`` (nan before training)."""
+        changes = self.changes()
+        if all(float(dw.abs().max()) == 0 for dw, _ in changes.values()):
+            return {}
+        gen = torch.Generator().manual_seed(0)  # the control's shuffle is the same every epoch
+        return alignment_scores(changes, probes=self.probes, generator=gen)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            twin=self.zero.state_dict()["twin"], initial=self.initial, predicted=self.predicted
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.zero.load_state_dict({"twin": state.get("twin")})
+        for key in ("initial", "predicted"):
+            for name, value in state.get(key, {}).items():
+                getattr(self, key)[name].copy_(value)

@@ -1,0 +1,440 @@
+"""Align-zero, Align-ada and Align-prop (Boopathy & Fiete 2022), and a last-layer-only baseline.
+
+In the wide (lazy, NTK) limit a layer's weight change under backprop is a sum of fixed backward
+projections at initialisation × the output error × input activity. The Align rules reproduce that
+without propagating errors through the *current* weights:
+
+* ``align-zero``: ΔW_l = −η δ_{l,0} a_{l−1,0}ᵀ with δ_{l,0} = (∂f_0/∂h_l)ᵀ e — the real network's
+  output error e = ∂L/∂f_t(x) back-propagated through a frozen **twin** of the network at
+  initialisation, times the twin's own presynaptic activity. This is exactly gradient descent on
+  the network linearised at initialisation, driven by the true network's error:
+  ΔW = J_0ᵀ e with J_0 the Jacobian of the twin's output w.r.t. its weights.
+* ``align-ada``: the same δ_{l,0} times the *current* network's presynaptic activity a_{l−1,t}.
+  For the readout this is e ⊗ current features, i.e. the exact readout gradient.
+* ``align-prop``: feedback alignment whose feedback matrices are the initial forward weights W_0
+  (the error is carried layer by layer with the current f′); a subclass of
+  :class:`~decorrelate.rules.feedback.FeedbackAlignment` that only changes B.
+* ``last-layer``: train the readout only (plain gradient); every other layer stays at its
+  initial value. The paper's "training the last layer only" baseline.
+
+How the twin rules work (one vectorised pass each, no per-sample loops):
+
+1. the real network runs forward without an autograd graph; forward hooks on every layer (each
+   ``nn.Linear`` / ``nn.Conv2d`` or decorrelated wrapper of one) record its input when ``ada``
+   needs it; e = ∂L/∂output is taken on the detached output;
+2. the twin runs forward *with* a graph; the same hooks record each layer's input a_{l−1,0} and
+   output h_{l,0} (made a graph leaf where nothing upstream requires grad);
+3. one ``torch.autograd.grad(twin_output, [h_l...], grad_outputs=e)`` gives every δ_{l,0};
+4. ΔW_l = δ_{l,0} aᵀ (a matmul, or ``conv2d_weight`` for convolutions), Δb_l = Σ δ_{l,0};
+   these are written into the real network's ``.grad``.
+
+A layer called several times per forward — the recurrent weights of an RNN unrolled in time —
+is recorded at every call, and the sum over calls is back-propagation through time through the
+twin along *its own* trajectory. The twin is a deep copy of the model taken in :meth:`attach`:
+its parameters do not require grad, its batch-norm running statistics are frozen (momentum 0),
+its decorrelators never update, and its weights are part of :meth:`state_dict` so a checkpoint
+resumes exactly. Batch norm is allowed only without affine parameters (as in the paper): every
+trainable parameter must belong to a rule layer.
+
+Cost: one forward of the real network without a graph, one forward and one activation-only
+backward of the twin, plus one weight-gradient product per layer — about BP plus a forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .base import LearningRule, StepOutput, register_rule
+from .feedback import FeedbackAlignment
+from .layers import inner_layer, trainable_layers
+
+# ----------------------------------------------------------------------------- recording
+
+
+class _Recorder:
+    """Forward hooks on a list of layers that record (input, output) of every call while on."""
+
+    def __init__(self, modules: list[nn.Module], leaf_outputs: bool) -> None:
+        self.modules = modules
+        self.leaf_outputs = leaf_outputs
+        self.inputs: list[list[Tensor]] = [[] for _ in modules]
+        self.outputs: list[list[Tensor]] = [[] for _ in modules]
+        self.on = False
+        self._handles = [m.register_forward_hook(self._hook_for(i)) for i, m in enumerate(modules)]
+
+    def _hook_for(self, index: int):
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
+            if not self.on:
+                return None
+            self.inputs[index].append(args[0].detach())
+            if not self.leaf_outputs:
+                return None
+            if not out.requires_grad:  # first layer of a frozen net: make δ reachable here
+                out = out.detach().requires_grad_(True)
+            self.outputs[index].append(out)
+            return out
+
+        return hook
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        self.inputs = [[] for _ in self.modules]
+        self.outputs = [[] for _ in self.modules]
+        self.on = True
+        try:
+            yield
+        finally:
+            self.on = False
+
+    def clear(self) -> None:
+        self.inputs = [[] for _ in self.modules]
+        self.outputs = [[] for _ in self.modules]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """Numeric padding of a zero-padded convolution (``'same'`` resolved for odd kernels)."""
+    if conv.padding_mode != "zeros":
+        raise UserError(
+            f"align rules need zero-padded convolutions, got padding_mode={conv.padding_mode!r}"
+        )
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            raise UserError("align rules need symmetric 'same' padding (odd kernels)")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)
+
+
+def _effective_weight_grad(
+    layer: nn.Module, inputs: list[Tensor], deltas: list[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Σ over calls of δ aᵀ (w.r.t. the weight the layer applies to ``inputs``) and of δ."""
+    if isinstance(layer, nn.Conv2d):
+        padding = _conv_padding(layer)
+        shape = (layer.out_channels, inputs[0].shape[1], *layer.kernel_size)
+        gw = sum(
+            torch.nn.grad.conv2d_weight(
+                a, shape, d, layer.stride, padding, layer.dilation, layer.groups
+            )
+            for a, d in zip(inputs, deltas, strict=True)
+        )
+        gb = sum(d.sum((0, 2, 3)) for d in deltas)
+        return gw, gb
+    a = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
+    d = torch.cat([t.reshape(-1, t.shape[-1]) for t in deltas])
+    return d.T @ a, d.sum(0)
+
+
+def _accumulate(param: Tensor | None, grad: Tensor) -> None:
+    if param is None:
+        return
+    grad = grad.to(param.dtype).reshape(param.shape)
+    param.grad = grad if param.grad is None else param.grad + grad
+
+
+def check_align_model(model: nn.Module, points: list[tuple[str, nn.Module]]) -> None:
+    """Every trainable parameter must sit in a rule layer (batch norm without affine params)."""
+    owned = {id(p) for _, m in points for p in m.parameters()}
+    extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+    if extra:
+        raise UserError(
+            f"align rules train only Linear/Conv2d layers; {extra[0]} is another trainable "
+            "parameter (use batch norm with affine=False, as in the Align paper)"
+        )
+
+
+# ----------------------------------------------------------------------------- the twin rules
+
+
+class _TwinAlign(LearningRule):
+    """Shared machinery of align-zero / align-ada: the frozen twin and the δ_{l,0} pass."""
+
+    #: Where the presynaptic activity comes from: ``twin`` (zero) or ``current`` (ada).
+    presynaptic: ClassVar[str] = "twin"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.twin: nn.Module | None = None
+        self.points: list[tuple[str, nn.Module]] = []
+        self.twin_points: list[nn.Module] = []
+        self._real: _Recorder | None = None
+        self._twin: _Recorder | None = None
+
+    def attach(
+        self,
+        model: nn.Module,
+        loss: Any,
+        generator: torch.Generator | None = None,
+        example: Tensor | None = None,
+    ) -> None:
+        """Take the twin: a frozen deep copy of ``model`` as it is now (its initialisation)."""
+        super().attach(model, loss, generator)
+        self.points = trainable_layers(model)
+        check_align_model(model, self.points)
+        self.twin = make_twin(model)
+        twin_modules = dict(self.twin.named_modules())
+        self.twin_points = [twin_modules[name] for name, _ in self.points]
+        self._twin = _Recorder(self.twin_points, leaf_outputs=True)
+        if self.presynaptic == "current":
+            self._real = _Recorder([m for _, m in self.points], leaf_outputs=False)
+
+    def detach(self) -> None:
+        for recorder in (self._real, self._twin):
+            if recorder is not None:
+                recorder.remove()
+        self._real = self._twin = None
+        self.twin, self.points, self.twin_points = None, [], []
+        super().detach()
+
+    def output_error(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward the real network (no graph): its output, the mean loss and e = ∂L/∂output."""
+        real = self._real.recording() if self._real is not None else _nothing()
+        with real, torch.no_grad(), _capturing(model, True):
+            output = model(x)
+        out = output.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.loss(out, y)
+            (error,) = torch.autograd.grad(loss, out)
+        return output.detach(), loss.detach(), error
+
+    def twin_deltas(self, x: Tensor, error: Tensor) -> list[list[Tensor]]:
+        """δ_{l,0} at every call of every layer: ``error`` back-propagated through the twin."""
+        twin, recorder = self.twin, self._twin
+        twin.train(self.model.training)
+        with recorder.recording(), torch.enable_grad(), _capturing(twin, False):
+            out0 = twin(x)
+        if out0.shape != error.shape:
+            raise UserError(
+                f"the twin's output {tuple(out0.shape)} does not match the network's "
+                f"{tuple(error.shape)}; attach the rule to the model it trains"
+            )
+        flat = [h for calls in recorder.outputs for h in calls]
+        grads = torch.autograd.grad(
+            out0, flat, grad_outputs=error.to(out0.dtype), allow_unused=True
+        )
+        grads = [torch.zeros_like(h) if g is None else g for h, g in zip(flat, grads, strict=True)]
+        deltas, start = [], 0
+        for calls in recorder.outputs:
+            deltas.append(grads[start : start + len(calls)])
+            start += len(calls)
+        return deltas
+
+    def layer_updates(self, deltas: list[list[Tensor]]) -> list[tuple[nn.Module, Tensor, Tensor]]:
+        """(real layer, ΔW, Δb) per layer: ΔW = Σ δ_{l,0} aᵀ with a from the twin or the network.
+
+        ΔW is shaped like the layer's weight and is the direction to *descend*, like a gradient.
+        """
+        source = self._real if self.presynaptic == "current" else self._twin
+        updates = []
+        for i, (name, module) in enumerate(self.points):
+            inputs, ds = source.inputs[i], deltas[i]
+            if len(inputs) != len(ds):
+                raise RuntimeError(
+                    f"{name} ran {len(inputs)} times in the network but {len(ds)} times in the "
+                    "twin; align rules need the same computation graph in both"
+                )
+            if not ds:
+                continue
+            layer = inner_layer(module)
+            gw, gb = _effective_weight_grad(layer, inputs, ds)
+            owner = module if self.presynaptic == "current" else self.twin_points[i]
+            if hasattr(owner, "weight_grad"):  # decorrelated layer: ∂/∂W = ∂/∂(W R) · Rᵀ
+                gw = owner.weight_grad(gw)
+            updates.append((layer, gw.reshape(layer.weight.shape), gb))
+        return updates
+
+    def updates_for_error(self, x: Tensor, error: Tensor) -> list[tuple[nn.Module, Tensor, Tensor]]:
+        """The rule's per-layer updates for an output ``error`` given from outside.
+
+        The alignment-score probe drives align-zero with the error of a network trained by BP.
+        Only for ``align-zero`` (align-ada would also need that network's activity).
+        """
+        if self.presynaptic != "twin":
+            raise UserError("updates_for_error needs align-zero (presynaptic activity of the twin)")
+        try:
+            return self.layer_updates(self.twin_deltas(x, error))
+        finally:
+            self._twin.clear()
+
+    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        if model is not self.model:
+            raise UserError("this align rule was attached to a different model")
+        output, loss, error = self.output_error(model, x, y)
+        try:
+            for layer, gw, gb in self.layer_updates(self.twin_deltas(x, error)):
+                _accumulate(layer.weight, gw)
+                _accumulate(layer.bias, gb)
+        finally:
+            for recorder in (self._real, self._twin):
+                if recorder is not None:
+                    recorder.clear()
+        return StepOutput(loss, output)
+
+    def diagnostics(self) -> dict[str, float]:
+        """``weight_change/<layer>``: ‖W_t − W_0‖ / ‖W_0‖ (how far from the lazy regime)."""
+        out = {}
+        for (name, module), twin_module in zip(self.points, self.twin_points, strict=True):
+            w, w0 = inner_layer(module).weight.detach(), inner_layer(twin_module).weight.detach()
+            out[f"weight_change/{name}"] = float(
+                torch.linalg.vector_norm((w - w0).double())
+                / torch.linalg.vector_norm(w0.double()).clamp_min(1e-30)
+            )
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["twin"] = self.twin.state_dict() if self.twin is not None else None
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if state.get("twin") is not None and self.twin is not None:
+            self.twin.load_state_dict(state["twin"])
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _capturing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Decorrelators store subsamples of the real forward (no graph there) but never the twin's."""
+    try:
+        from ..nn import capturing
+    except ImportError:
+        yield
+        return
+    with capturing(model, enabled):
+        yield
+
+
+def make_twin(model: nn.Module) -> nn.Module:
+    """A frozen deep copy of ``model``: no parameter requires grad, batch-norm statistics fixed.
+
+    Take it before registering hooks on ``model`` (hooks are copied along with the modules).
+    """
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    for m in twin.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.0  # running statistics stay those of initialisation
+    return twin
+
+
+@register_rule("align-zero")
+class AlignZero(_TwinAlign):
+    """ΔW_l = δ_{l,0} a_{l−1,0}ᵀ: backward signal and presynaptic activity from the frozen twin."""
+
+    presynaptic = "twin"
+
+
+@register_rule("align-ada")
+class AlignAda(_TwinAlign):
+    """ΔW_l = δ_{l,0} a_{l−1,t}ᵀ: the twin's backward signal, the current presynaptic activity."""
+
+    presynaptic = "current"
+
+
+# ----------------------------------------------------------------------------- align-prop
+
+
+@register_rule("align-prop")
+class AlignProp(FeedbackAlignment):
+    """Feedback alignment with B = W_0, the initial forward weights (kept as ``fa_feedback``).
+
+    Everything else — routing, decorrelated layers, straight-through option, W–B diagnostics
+    (here the angle between W_t and W_0) — is :class:`FeedbackAlignment`'s.
+    """
+
+    def __init__(self, straight_through: bool = False) -> None:
+        # "weight" makes FeedbackAlignment draw nothing; attach then stores W_0 as B.
+        super().__init__(feedback_init="weight", straight_through=straight_through)
+
+    @classmethod
+    def from_config(cls, config: Any) -> AlignProp:
+        return cls(straight_through=getattr(config, "feedback_straight_through", False))
+
+    def attach(
+        self,
+        model: nn.Module,
+        loss: Any,
+        generator: torch.Generator | None = None,
+        example: Tensor | None = None,
+    ) -> None:
+        super().attach(model, loss, generator, example)
+        for _, module in self.points:
+            w0 = inner_layer(module).weight.detach().clone()
+            module.register_buffer(self.buffer_name, w0)
+
+    def feedback(self, module: nn.Module) -> Tensor:
+        return getattr(module, self.buffer_name)
+
+
+# ----------------------------------------------------------------------------- last layer only
+
+
+@register_rule("last-layer")
+class LastLayer(LearningRule):
+    """Train only the readout (the last Linear/Conv2d in module order) with its true gradient.
+
+    A forward pre-hook hands the readout a detached input, so ``loss.backward()`` fills only the
+    readout's ``.grad``; every other parameter keeps ``grad = None`` and the optimizer skips it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readout: nn.Module | None = None
+        self._handle: Any = None
+        self.active = True
+
+    def attach(
+        self,
+        model: nn.Module,
+        loss: Any,
+        generator: torch.Generator | None = None,
+        example: Tensor | None = None,
+    ) -> None:
+        super().attach(model, loss, generator)
+        self.readout = trainable_layers(model)[-1][1]
+        self._handle = self.readout.register_forward_pre_hook(self._cut)
+
+    def _cut(self, module: nn.Module, args: tuple) -> tuple | None:
+        if not self.active or not isinstance(args[0], Tensor):
+            return None
+        return (args[0].detach(), *args[1:])
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        previous, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle, self.readout = None, None
+        super().detach()
+
+    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        output = model(x)
+        loss = self.loss(output, y)
+        loss.backward()
+        return StepOutput(loss.detach(), output.detach())

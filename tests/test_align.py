@@ -1,0 +1,473 @@
+"""Align-zero / Align-ada / Align-prop, last-layer, the alignment score, NTK models, Add task."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp
+
+import decorrelate.rules.align  # noqa: F401  (registers the align rules)
+from decorrelate import Loss, UserError, build_model, get_rule, resume, train
+from decorrelate.align import (
+    AlignmentProbe,
+    SequenceMSE,
+    add_targets,
+    build_rnn,
+    make_add_task,
+    run_suite,
+    shift,
+    suite_names,
+    train_add_task,
+)
+from decorrelate.checkpoint import load_checkpoint, read_metrics
+from decorrelate.metrics import alignment_score, alignment_scores, shuffled
+from decorrelate.models import NTKScale, VanillaRNN
+
+TIMING = {"seconds", "epoch_seconds", "eval_seconds"}
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def bp_grads(model, loss, x, y) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss(model(x), y).backward()
+    out = grads(model)
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def rule_grads(rule, model, x, y) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    rule.backward(model, x, y)
+    return grads(model)
+
+
+def ntk_mlp(seed=0):
+    torch.manual_seed(seed)
+    return build_model("mlp-ntk", (1, 5, 5), 4, widths=[16, 12], activation="relu").double()
+
+
+def ntk_convnet(seed=0):
+    torch.manual_seed(seed)
+    return build_model("convnet-ntk", (2, 8, 8), 3, channels=[4, 5], activation="relu").double()
+
+
+def ntk_rnn(seed=0):
+    return build_rnn(12, seed).double()
+
+
+CASES = {
+    "mlp": (ntk_mlp, (1, 5, 5), Loss("mse-shifted"), 4),
+    "convnet-bn": (ntk_convnet, (2, 8, 8), Loss("cross-entropy"), 3),
+    "rnn": (ntk_rnn, None, SequenceMSE(), None),
+}
+
+
+def batch(case: str, seed: int = 1):
+    _, shape, _, classes = CASES[case]
+    gen = torch.Generator().manual_seed(seed)
+    if case == "rnn":
+        x = torch.bernoulli(torch.full((6, 9, 1), 0.5), generator=gen).double()
+        return x, add_targets(x)
+    x = torch.randn(10, *shape, generator=gen, dtype=torch.float64)
+    return x, torch.randint(0, classes, (10,), generator=gen)
+
+
+def sgd_steps(model, loss, steps=3, lr=0.5, case="mlp"):
+    """Move the model away from its initialisation with a few BP steps."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for i in range(steps):
+        x, y = batch(case, seed=10 + i)
+        opt.zero_grad()
+        loss(model(x), y).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------- the rules
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", ["align-zero", "align-ada", "align-prop"])
+def test_align_rules_equal_bp_exactly_at_initialisation(case, name):
+    make, _, loss, _ = CASES[case]
+    model = make()
+    x, y = batch(case)
+    expected = bp_grads(model, loss, x, y)
+    rule = get_rule(name)
+    rule.attach(model, loss)
+    got = rule_grads(rule, model, x, y)
+    assert got.keys() == expected.keys()
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-10, atol=1e-13)
+
+
+def test_align_zero_is_gradient_descent_on_the_linearised_network():
+    """ΔW = J_0ᵀ e: the gradient of the network linearised at init, driven by the real error."""
+    model = ntk_mlp()
+    params0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = Loss("mse-shifted")
+    rule = get_rule("align-zero")
+    rule.attach(model, loss)
+    sgd_steps(model, loss)  # the real network has moved: f_t ≠ f_lin
+    x, y = batch("mlp")
+    got = rule_grads(rule, model, x, y)
+
+    frozen = rule.twin
+
+    def f_lin(p):  # f_0(x) + J_0 (θ − θ_0), by a forward-mode product at θ_0
+        tangent = {n: p[n] - params0[n] for n in p}
+        out0, change = jvp(lambda q: functional_call(frozen, q, (x,)), (params0,), (tangent,))
+        return out0 + change
+
+    theta_t = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out_t = model(x).detach().requires_grad_(True)
+    (error,) = torch.autograd.grad(loss(out_t, y), out_t)
+    expected = grad(lambda p: (error * f_lin(p)).sum())(theta_t)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-10, atol=1e-13)
+    # and it is not BP any more (the network is no longer at its initialisation)
+    bp = bp_grads(model, loss, x, y)
+    assert not torch.allclose(got["2.weight"], bp["2.weight"], rtol=1e-3)
+
+
+def test_align_ada_uses_twin_deltas_and_current_presynaptic_activity():
+    model = ntk_mlp()
+    loss = Loss("mse-shifted")
+    ada, zero = get_rule("align-ada"), get_rule("align-zero")
+    ada.attach(model, loss)
+    zero.attach(model, loss)
+    sgd_steps(model, loss)
+    x, y = batch("mlp")
+    got_ada = rule_grads(ada, model, x, y)
+    got_zero = rule_grads(zero, model, x, y)
+    bp = bp_grads(model, loss, x, y)
+    # readout: align-ada is e ⊗ current features = BP's readout gradient; align-zero is not
+    torch.testing.assert_close(got_ada["8.weight"], bp["8.weight"], rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(got_ada["8.bias"], bp["8.bias"], rtol=1e-10, atol=1e-13)
+    assert not torch.allclose(got_zero["8.weight"], bp["8.weight"], rtol=1e-3)
+    # hidden layer 2 by hand: δ from the twin, input activity from the current network
+    acts = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, a, o, k=k: acts.__setitem__(k, (a[0], o)))
+        for k, m in (("real", model[5]), ("twin", ada.twin[5]))
+    ]
+    out_t = model(x).detach().requires_grad_(True)
+    (error,) = torch.autograd.grad(loss(out_t, y), out_t)
+    twin_out = ada.twin(x.clone().requires_grad_(True))  # a graph through the frozen twin
+    for h in hooks:
+        h.remove()
+    (delta,) = torch.autograd.grad(twin_out, acts["twin"][1], error)
+    torch.testing.assert_close(got_ada["5.weight"], delta.T @ acts["real"][0].detach())
+    torch.testing.assert_close(got_zero["5.weight"], delta.T @ acts["twin"][0].detach())
+    torch.testing.assert_close(got_ada["5.bias"], delta.sum(0))
+
+
+def test_twin_is_frozen_and_batchnorm_statistics_stay_put():
+    model = ntk_convnet()
+    rule = get_rule("align-ada")
+    rule.attach(model, Loss())
+    before = {k: v.clone() for k, v in rule.twin.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(3):
+        x, y = batch("convnet-bn", seed=i)
+        opt.zero_grad()
+        rule.backward(model, x, y)
+        opt.step()
+    after = rule.twin.state_dict()
+    for k, v in before.items():
+        if not k.endswith("num_batches_tracked"):
+            torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in rule.twin.parameters())
+    assert model[2].running_var.sub(1).abs().max() > 0  # the real net's BN statistics moved
+    assert rule.diagnostics()["weight_change/1"] > 0
+
+
+def test_align_rules_refuse_affine_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.raises(UserError, match="affine=False"):
+        get_rule("align-zero").attach(model, Loss())
+
+
+def test_align_prop_keeps_initial_weights_as_feedback():
+    model = ntk_mlp()
+    w0 = {i: model[i].weight.detach().clone() for i in (2, 5, 8)}
+    loss = Loss("mse-shifted")
+    rule = get_rule("align-prop")
+    rule.attach(model, loss)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for i in range(3):
+        x, y = batch("mlp", seed=i)
+        opt.zero_grad()
+        rule.backward(model, x, y)
+        opt.step()
+    for i, w in w0.items():
+        torch.testing.assert_close(model[i].fa_feedback, w, rtol=0, atol=0)
+        assert not torch.equal(model[i].weight.detach(), w)
+    # hand-computed: the error reaches layer 5's output through W0 of layer 8 (and NTK scaling)
+    x, y = batch("mlp")
+    got = rule_grads(rule, model, x, y)
+    h = {}
+    hooks = [
+        model[k].register_forward_hook(lambda m, a, o, k=k: h.__setitem__(k, o))
+        for k in (5, 6, 7, 8)
+    ]
+    with torch.no_grad():
+        out = model(x)
+    for hook in hooks:
+        hook.remove()
+    e = out - loss.target(y, 4)
+    e = e / x.shape[0]
+    delta5 = (e @ w0[8]) * model[7].factor * (h[5] > 0)
+    torch.testing.assert_close(got["5.bias"], delta5.sum(0))
+    assert rule.diagnostics()["wb_angle/8"] > 0
+
+
+def test_last_layer_trains_only_the_readout():
+    model = ntk_mlp()
+    loss = Loss("mse-shifted")
+    x, y = batch("mlp")
+    expected = bp_grads(model, loss, x, y)
+    rule = get_rule("last-layer")
+    rule.attach(model, loss)
+    got = rule_grads(rule, model, x, y)
+    assert set(got) == {"8.weight", "8.bias"}
+    torch.testing.assert_close(got["8.weight"], expected["8.weight"])
+    with rule.suspended():  # the BP reference of the metrics still sees every layer
+        assert set(bp_grads(model, loss, x, y)) == set(expected)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+@pytest.fixture
+def ntk_tiny(tiny):
+    return {
+        **tiny,
+        "model": "mlp-ntk",
+        "activation": "relu",
+        "loss": "mse-shifted",
+        "optimizer": "sgd",
+        "momentum": 0.0,
+        "lr": 0.3,
+    }
+
+
+@pytest.mark.parametrize("rule", ["align-zero", "align-ada", "align-prop", "last-layer"])
+def test_align_rules_train_and_resume_bit_identically(ntk_tiny, tmp_path, rule):
+    cfg = {**ntk_tiny, "rule": rule, "alignment_every": 4}
+    full = train({**cfg, "out": str(tmp_path / "full")}, log=None)
+    part = {**cfg, "out": str(tmp_path / "part"), "epochs": 1}
+    train(part, log=None)
+    resumed = resume(tmp_path / "part", {"epochs": 2}, log=None)
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+    assert strip(resumed.history) == strip(full.history)
+    assert full.history[-1]["train_loss"] < full.history[0]["train_loss"]
+    if rule in ("align-zero", "align-ada"):
+        assert "twin" in load_checkpoint(tmp_path / "full")["rule"]
+    lines = (tmp_path / "full" / "alignment.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    if rule != "last-layer":  # at step 0 the align rules are BP
+        assert all(v < 1e-3 for k, v in first.items() if k.startswith("angle/"))
+
+
+def test_alignment_probe_matches_bp_and_scores_the_prediction():
+    model = ntk_mlp()
+    loss = Loss("mse-shifted")
+    x, y = batch("mlp")
+    expected = bp_grads(model, loss, x, y)
+    probe = AlignmentProbe()
+    probe.attach(model, loss)
+    got = rule_grads(probe, model, x, y)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt.step()  # one step from init: ΔW = −η g and ΔŴ = −g, so every score is 1
+    scores = probe.diagnostics()
+    for name in ("2", "5", "8"):
+        assert scores[f"align_score/{name}"] == pytest.approx(1.0, abs=1e-9)
+        assert scores[f"align_score_shuffled/{name}"] < 0.9
+    state = probe.state_dict()
+    other = AlignmentProbe()
+    other.attach(ntk_mlp(seed=5), loss)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.predicted["8"], probe.predicted["8"])
+
+
+# ----------------------------------------------------------------------------- alignment score
+
+
+def test_alignment_score_identical_scaled_disjoint_and_shuffled():
+    gen = torch.Generator().manual_seed(0)
+    # error-scaled input correlations: ΔW = E Xᵀ with inputs in a low-dimensional subspace
+    basis = torch.randn(200, 5, generator=gen, dtype=torch.float64)
+    inputs = basis @ torch.randn(5, 300, generator=gen, dtype=torch.float64)
+    dw = torch.randn(30, 300, generator=gen, dtype=torch.float64) @ inputs.T  # [30, 200]
+    assert alignment_score(dw, dw) == pytest.approx(1.0, abs=1e-12)
+    assert alignment_score(dw, -3.0 * dw) == pytest.approx(1.0, abs=1e-12)
+    other_outputs = torch.randn(30, 300, generator=gen, dtype=torch.float64) @ inputs.T
+    assert alignment_score(dw, other_outputs) > 0.6  # same input correlations, other errors
+    control = alignment_score(dw, shuffled(dw, gen))
+    assert 0 <= control < 0.1
+    left = torch.zeros(8, 10, dtype=torch.float64)
+    right = torch.zeros(8, 10, dtype=torch.float64)
+    left[:, :5], right[:, 5:] = 1.0, 1.0
+    assert alignment_score(left, right) == 0.0  # disjoint inputs
+    # tall matrices take the other exact branch; the probe estimate agrees with the exact score
+    tall = torch.randn(50, 8, generator=gen, dtype=torch.float64)
+    tall2 = tall + 0.5 * torch.randn(50, 8, generator=gen, dtype=torch.float64)
+    exact = alignment_score(tall, tall2)
+    estimate = alignment_score(tall, tall2, probes=4000, generator=gen)
+    assert estimate == pytest.approx(exact, abs=0.03)
+    assert math.isnan(alignment_score(torch.zeros(3, 4), torch.ones(3, 4)))
+    conv = alignment_scores({"c": (torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3))})
+    assert set(conv) == {"align_score/c", "align_score_shuffled/c"}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_ntk_parameterisation():
+    torch.manual_seed(0)
+    model = build_model("mlp-ntk", (1, 28, 28), 10, widths=[256, 256], activation="relu")
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    scales = [m for m in model if isinstance(m, NTKScale)]
+    assert [s.fan_in for s in scales] == [784, 256, 256]
+    assert linears[1].weight.std().item() == pytest.approx(1.0, abs=0.02)
+    assert all(float(lin.bias.detach().abs().max()) == 0 for lin in linears)
+    x = torch.randn(3, 1, 28, 28)
+    h = torch.relu(x.flatten(1) @ linears[0].weight.T / 28)
+    h = torch.relu(h @ linears[1].weight.T / 16)
+    torch.testing.assert_close(model(x), h @ linears[2].weight.T / 16)
+    conv = build_model("convnet-ntk", (1, 28, 28), 10, channels=[8, 8], activation="relu")
+    norms = [m for m in conv if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 2 and not any(n.affine for n in norms)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in conv) == 2
+    assert conv(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    standard = build_model("mlp", (4,), 2, widths=[3], parameterization="ntk")
+    assert isinstance(standard[1], NTKScale)
+    with pytest.raises(UserError, match="parameterization"):
+        build_model("mlp", (4,), 2, parameterization="mup")
+
+
+def test_vanilla_rnn_follows_its_equation():
+    torch.manual_seed(0)
+    rnn = VanillaRNN(2, 6, 3, parameterization="ntk")
+    x = torch.randn(4, 5, 2)
+    h = torch.zeros(4, 6)
+    outs = []
+    for t in range(5):
+        pre = x[:, t] @ rnn.input.weight.T / math.sqrt(2) + rnn.input.bias
+        pre = pre + h @ rnn.recurrent.weight.T / math.sqrt(6)
+        h = torch.relu(pre)
+        outs.append(h @ rnn.readout.weight.T / math.sqrt(6) + rnn.readout.bias)
+    torch.testing.assert_close(rnn(x), torch.stack(outs, 1))
+    with pytest.raises(UserError, match="batch, time"):
+        rnn(torch.zeros(4, 2))
+
+
+# ----------------------------------------------------------------------------- Add task
+
+
+def test_add_task_targets_are_shifted_without_wrap_around():
+    x = torch.zeros(1, 8, 1)
+    x[0, -1] = 1.0  # only the last input is on: it must not reappear at the start
+    assert torch.equal(add_targets(x), torch.full_like(x, 0.5))
+    ones = torch.ones(1, 8, 1)
+    expected = [0.5, 0.5, 1.0, 1.0, 1.0, 0.75, 0.75, 0.75]
+    assert add_targets(ones).flatten().tolist() == expected
+    task = make_add_task(n_train=30, n_test=10, steps=100, seed=3)
+    assert task.x_train.shape == (30, 100, 1) and task.x_test.shape == (10, 100, 1)
+    assert set(task.x_train.unique().tolist()) <= {0.0, 1.0}
+    x = task.x_train[..., 0]
+    for t in range(100):
+        want = torch.full((30,), 0.5)
+        if t >= 2:
+            want = want + 0.5 * x[:, t - 2]
+        if t >= 5:
+            want = want - 0.25 * x[:, t - 5]
+        torch.testing.assert_close(task.y_train[:, t, 0], want)
+    torch.testing.assert_close(shift(task.x_train, 0), task.x_train)
+    assert torch.equal(make_add_task(seed=3).x_train, make_add_task(seed=3).x_train)
+
+
+def test_add_task_training_beats_readout_only():
+    task = make_add_task(n_train=60, n_test=20, steps=20, seed=0)
+    runs = {
+        rule: train_add_task(rule, 32, task=task, epochs=8, lr=0.3, batch_size=20, seed=1)[
+            "history"
+        ]
+        for rule in ("bp", "align-ada", "last-layer")
+    }
+    for rule, history in runs.items():
+        assert history[-1]["test_mse"] < history[0]["test_mse"], rule
+    assert runs["bp"][-1]["train_mse"] < runs["last-layer"][-1]["train_mse"]
+    assert runs["align-ada"][-1]["train_mse"] < runs["last-layer"][-1]["train_mse"]
+
+
+# ----------------------------------------------------------------------------- suites
+
+
+def test_every_suite_runs_in_quick_mode_and_reuses_finished_runs(tmp_path):
+    assert set(suite_names()) >= {"align-width", "align-width-conv", "align-lowdata", "align-rnn"}
+    for name in suite_names():
+        files = run_suite(name, tmp_path / name, quick=True, log=None)
+        assert all(Path(f).exists() for f in files)
+        assert any(str(f).endswith(".png") for f in files)
+        runs = json.loads((tmp_path / name / "results.json").read_text())["runs"]
+        assert runs and all("rule" in r and "x" in r for r in runs)
+        assert "| rule |" in (tmp_path / name / "results.md").read_text()
+    width_runs = tmp_path / "align-width" / "runs"
+    bp_run = next(width_runs.glob("bp-*"))
+    assert "align_score_shuffled/2" in read_metrics(bp_run)[-1]
+    assert not (bp_run / "checkpoint.pt").exists()
+    stamp = (bp_run / "metrics.jsonl").stat().st_mtime_ns
+    run_suite("align-width", tmp_path / "align-width", quick=True, log=None)
+    assert (bp_run / "metrics.jsonl").stat().st_mtime_ns == stamp  # reused, not retrained
+    with pytest.raises(UserError, match="unknown suite"):
+        run_suite("align-nothing", tmp_path / "x", quick=True, log=None)
+
+
+@pytest.mark.parametrize("name", ["align-zero", "align-ada"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_align_rules_on_decorrelated_layers_equal_bp_when_twin_is_current(name, conv):
+    """Decorrelated layers (a = W R x): ΔW = δ (R x)ᵀ, mapped through the wrapper's Rᵀ."""
+    from decorrelate.nn import decorrelate, local_update
+
+    model = decorrelate(ntk_convnet() if conv else ntk_mlp(), "scaled", lr=0.05)
+    case = "convnet-bn" if conv else "mlp"
+    loss = CASES[case][2]
+    for i in range(2):  # learn R ≠ I first
+        model(batch(case, seed=20 + i)[0]).sum().backward()
+        local_update(model)
+    assert any(float((m.R - torch.eye(m.R.shape[0])).abs().max()) > 1e-4 for m in _decors(model))
+    x, y = batch(case)
+    expected = bp_grads(model, loss, x, y)
+    rule = get_rule(name)
+    rule.attach(model, loss)  # the twin is taken now, so it equals the network
+    got = rule_grads(rule, model, x, y)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-12)
+
+
+def _decors(model):
+    from decorrelate.nn import decorrelators
+
+    return [m for _, m in decorrelators(model)]
+
+
+def test_reproduce_command_runs_a_quick_suite(tmp_path):
+    from decorrelate.cli import main
+
+    assert main(["reproduce", "--list"]) == 0
+    assert main(["reproduce", "align-rnn", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "rnn_loss_vs_width.png").exists()
