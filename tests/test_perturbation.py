@@ -189,3 +189,21 @@ def test_shorthands_and_training_runs(tiny, tmp_path):
     strip = [[{k: v for k, v in r.items() if "seconds" not in k} for r in h] for h in runs]
     assert strip[0] == strip[1]
     assert runs[0][-1]["train_loss"] < runs[0][0]["train_loss"]
+
+
+def test_decorrelators_learn_from_the_clean_rows_only():
+    dnn = pytest.importorskip("decorrelate.nn")
+    model = tiny_mlp()
+    dnn.decorrelate(model, "copi", lr=1e-2)
+    x, y = data(40)
+    rule = get_rule("np", samples=3)
+    rule.attach(model, Loss(), torch.Generator().manual_seed(0))
+    rule.backward(model, x, y)
+    for _, layer in dnn.decorrelators(model):
+        rows, _ = layer._sample
+        assert rows.shape[0] == 5  # floor(0.1 * 40) + 1 of the 40 clean rows, not of 160
+    before = [m.R.clone() for _, m in dnn.decorrelators(model)]
+    dnn.local_update(model)
+    assert all(
+        not torch.equal(b, m.R) for b, (_, m) in zip(before, dnn.decorrelators(model), strict=True)
+    )

@@ -135,3 +135,19 @@ def test_short_mnist_run_exceeds_90_percent(mnist_dir, tmp_path):
     )
     result = train(cfg, log=None)
     assert result.final_test_acc > 0.90, result.history
+
+
+def test_decorrelated_run_logs_layer_stats_and_resumes_exactly(tiny, tmp_path):
+    pytest.importorskip("decorrelate.nn")
+    opts = {**tiny, "decor": "scaled", "decor_lr": 1e-3}
+    straight = train({**opts, "out": str(tmp_path / "a")}, log=None)
+    train({**opts, "epochs": 1, "out": str(tmp_path / "b")}, log=None)
+    resumed = resume(tmp_path / "b", {"epochs": 2}, log=None)
+    assert strip_timing(resumed.history) == strip_timing(straight.history)
+    row = straight.history[-1]
+    for stat in ("offdiag", "cond", "R_norm"):
+        assert any(k.startswith("decor/") and k.endswith(stat) for k in row)
+    r_final = load_checkpoint(tmp_path / "a")["model"]
+    assert any(
+        k.endswith(".R") and not torch.equal(v, torch.eye(v.shape[0])) for k, v in r_final.items()
+    )

@@ -81,6 +81,7 @@ def build_network(config: TrainConfig, input_shape: tuple[int, ...], num_classes
         options: dict[str, Any] = {
             "sample_frac": config.decor_sample_frac,
             "demean": config.decor_demean,
+            "seed": config.seed,
         }
         if config.decor_lr is not None:
             options["lr"] = config.decor_lr

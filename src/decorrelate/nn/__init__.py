@@ -1,0 +1,29 @@
+"""What changes the forward pass: decorrelation before every Linear / Conv2d (Ahmad 2024).
+
+A layer's input x is decorrelated, z = R x (R square, a buffer starting at the identity, never
+trained by the task loss), before the layer computes W z + b. Once per training step, after the
+optimizer step, :func:`local_update` moves every R by its own local rule, computed on a
+subsample of the batch captured during the forward pass.
+
+Methods (:data:`METHODS`): ``copi``, ``dbp``, ``scaled`` (the default; the paper's rule),
+``zca`` and ``newton`` (exact whitening yardsticks). See :mod:`decorrelate.nn.methods`.
+"""
+
+from .convert import capturing, decorrelate, decorrelators, local_stats, local_update
+from .decorrelation import DecorConv2d, DecorLinear, Decorrelator
+from .methods import DEFAULT_KAPPA, DEFAULT_LR, METHODS, DecorConfig
+
+__all__ = [
+    "DEFAULT_KAPPA",
+    "DEFAULT_LR",
+    "METHODS",
+    "DecorConfig",
+    "DecorConv2d",
+    "DecorLinear",
+    "Decorrelator",
+    "capturing",
+    "decorrelate",
+    "decorrelators",
+    "local_stats",
+    "local_update",
+]

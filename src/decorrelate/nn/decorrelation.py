@@ -1,0 +1,413 @@
+"""Decorrelated layers: z = R x in front of a Linear or Conv2d, with R learned by a local rule.
+
+The wrappers keep the original layer object (``.layer``, so its parameters keep their identity
+and any optimizer built before or after conversion sees the same tensors) and add R as a buffer.
+R never receives a gradient from the task loss; it changes only in :meth:`Decorrelator.update`,
+which the training loop calls once per step after ``optimizer.step()``.
+
+Forward cost. R is applied in whichever order of products is cheaper:
+
+* Linear, large output (hidden layers): z = x Rᵀ, then W z — B·d² extra per call.
+* Linear, small output (a 10-way classifier): W_eff = W R, then W_eff x — out·d² extra.
+* Conv2d: always folded into the kernel, W_eff = W R (on the [C_out, C_in·kh·kw] view), so the
+  forward is one ordinary convolution; the naive unfold → R → conv path would cost
+  (1 + 9·C_in/C_out)× the plain convolution.
+
+Autograd differentiates both orders correctly: W gets ∂L/∂W_eff · Rᵀ (or ∂L/∂a · zᵀ) and the
+input gets the error passed back through Rᵀ.
+
+For other learning rules. The wrapped ``.layer`` is *not called* in the forward (its weight is
+used directly), so hooks belong on the wrapper, whose input is the raw x and whose output is the
+pre-activation a. A rule that writes ``.grad`` itself can treat the wrapper as a plain layer with
+weight :meth:`~Decorrelator.effective_weight` on input x and map its result back with
+:meth:`~Decorrelator.weight_grad`; :meth:`~Decorrelator.fold` turns a feedback matrix B into B R,
+which sends errors back through Rᵀ.
+
+Capture. During a forward in training mode, a wrapper stores a *detached* subsample of its
+input (rows of x, or conv patches) for the next :meth:`~Decorrelator.update`. By default it does
+so only when autograd is recording (a training forward pass); rules that learn from forward passes
+under ``torch.no_grad()`` set ``capture = True`` (or use :func:`decorrelate.nn.capturing`) around
+the clean pass. The last captured forward before an update is the one used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import TrainingDiverged, UserError
+from ..seeding import derive_seed
+from .methods import (
+    EXACT,
+    DecorConfig,
+    coordinate_variance,
+    ema_weight,
+    learned_update,
+    live_coordinates,
+    newton_whitener,
+    zca_whitener,
+)
+from .sampling import choose, conv_patches, gather_rows, subsample_size
+
+#: How many recent sample rows a decorrelator keeps for :meth:`Decorrelator.stats`.
+STATS_ROWS = 512
+#: ``scaled`` stops with TrainingDiverged once COLLAPSE_PATIENCE consecutive steps have had
+#: η·λ_max(C) above COLLAPSE_LIMIT (see _check). A single spike (one sample far out in the
+#: tail) is survivable; a step size that is too large for the input keeps it above every step.
+COLLAPSE_LIMIT = 2.0
+COLLAPSE_PATIENCE = 3
+#: Relative variance under which :meth:`Decorrelator.stats` treats a coordinate as constant.
+CONSTANT_TOL = 1e-6
+
+
+class Decorrelator(nn.Module):
+    """Base of the decorrelated layers: R, its statistics, capture, update and diagnostics.
+
+    Buffers (all in ``state_dict()``, so a checkpoint resumes exactly): ``R`` [d, d];
+    ``num_updates``; ``running_var`` [d] of x for the learned rules' variance floor;
+    ``running_mean`` [d] when demeaning; ``running_cov`` [d, d] and ``samples_seen`` for
+    ``zca``/``newton``.
+    """
+
+    layer: nn.Module
+    R: Tensor
+    num_updates: Tensor
+
+    def __init__(self, layer: nn.Module, in_features: int, config: DecorConfig, name: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.config = config
+        self.name = name or type(layer).__name__
+        #: None: capture in training mode when autograd records; True/False: force on/off.
+        self.capture: bool | None = None
+        self._seed = derive_seed(config.seed, "decorrelation", self.name)
+        self._sample: tuple[Tensor, Tensor | None] | None = None
+        weight = layer.weight
+        factory = {"dtype": weight.dtype, "device": weight.device}
+        d = in_features
+        self.register_buffer("R", torch.eye(d, **factory))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=weight.device))
+        # Diagnostics state, kept in buffers too so that a resumed run logs the same numbers:
+        # the last STATS_ROWS sample rows (a ring buffer), how many rows were ever stored, the
+        # last learned update's lr·λ_max (−1 before the first) and the unstable-step streak.
+        self.register_buffer("stats_rows", torch.zeros(STATS_ROWS, d, **factory))
+        self.register_buffer("stats_count", torch.zeros((), dtype=torch.long, device=weight.device))
+        self.register_buffer("lr_lambda", torch.full((), -1.0, **factory))
+        self.register_buffer(
+            "unstable_steps", torch.zeros((), dtype=torch.long, device=weight.device)
+        )
+        if config.demean:
+            self.register_buffer("running_mean", torch.zeros(d, **factory))
+        if config.method not in EXACT:
+            self.register_buffer("running_var", torch.zeros(d, **factory))
+        if config.method in EXACT:
+            self.register_buffer("running_cov", torch.zeros(d, d, **factory))
+            self.register_buffer(
+                "samples_seen", torch.zeros((), dtype=torch.long, device=weight.device)
+            )
+
+    # ------------------------------------------------------------------ helpers for rules
+
+    @property
+    def weight(self) -> Tensor:
+        """The trainable weight W of the wrapped layer (not W R)."""
+        return self.layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The trainable bias of the wrapped layer."""
+        return self.layer.bias
+
+    def fold(self, matrix: Tensor) -> Tensor:
+        """``matrix`` (shaped like the weight) times R: what the layer applies to its raw input.
+
+        ``fold(weight)`` is the effective weight; ``fold(B)`` turns a feedback matrix B into the
+        one that sends errors back through Rᵀ.
+        """
+        return (matrix.reshape(matrix.shape[0], -1) @ self.R).reshape(matrix.shape)
+
+    def effective_weight(self) -> Tensor:
+        """W R (differentiable in W): the layer is a plain layer with this weight on raw x."""
+        return self.fold(self.layer.weight)
+
+    def weight_grad(self, effective_grad: Tensor) -> Tensor:
+        """∂L/∂W from ∂L/∂W_eff: multiply by Rᵀ (for rules that write ``.grad`` themselves)."""
+        g = effective_grad.reshape(effective_grad.shape[0], -1)
+        return (g @ self.R.T).reshape(effective_grad.shape)
+
+    # ------------------------------------------------------------------ capture
+
+    def _capturing(self) -> bool:
+        if not self.training or self.capture is False:
+            return False
+        return self.capture is True or torch.is_grad_enabled()
+
+    def _store(self, x_rows: Tensor, z_rows: Tensor | None) -> None:
+        self._sample = (x_rows.detach(), None if z_rows is None else z_rows.detach())
+
+    def observe(self, x: Tensor) -> None:
+        """Store a subsample of ``x`` (this layer's raw input) for the next :meth:`update`.
+
+        For rules that run one batched forward over clean and noisy copies (node perturbation):
+        they show the decorrelator the clean rows only, whatever the capture setting.
+        """
+        if isinstance(self, DecorLinear):
+            self._capture(x.detach(), None)
+        else:
+            self._capture(x.detach())
+
+    def clear_sample(self) -> None:
+        """Forget the stored subsample (the next :meth:`update` is then a no-op)."""
+        self._sample = None
+
+    # ------------------------------------------------------------------ learning
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Update R from the stored subsample with the configured method; no-op without one.
+
+        Raises :class:`TrainingDiverged` if R becomes non-finite, if its RMS gain ‖R‖_F/√d
+        exceeds ``config.max_norm``, or if a ``scaled`` step is unstable (see :meth:`_check`).
+        """
+        if self._sample is None:
+            return
+        x, z = self._sample
+        self._sample = None
+        cfg = self.config
+        R = self.R
+        step = int(self.num_updates)
+        gathered = gather_rows(x.to(R.dtype))
+        if gathered.shape[0] != x.shape[0] or z is None or z.dtype != R.dtype:
+            z = None  # recompute from the (gathered) raw samples
+        x = gathered
+        self._remember(x)
+        if cfg.demean:
+            rate = cfg.lr if cfg.method in EXACT else cfg.momentum
+            self.running_mean.lerp_(x.mean(0), ema_weight(rate, step))
+            x = x - self.running_mean
+            if z is not None:
+                z = z - self.running_mean @ R.T
+        if cfg.method in EXACT:
+            self._update_exact(x, step)
+        else:
+            z = x @ R.T if z is None else z
+            info = learned_update(R, x, z, self.running_var, step, cfg)
+            self.lr_lambda.fill_(float(info.lr_lambda))
+        self.num_updates += 1
+        self._check(step + 1)
+
+    def _update_exact(self, x: Tensor, step: int) -> None:
+        cfg = self.config
+        n, d = x.shape
+        self.running_cov.lerp_(x.T @ x / n, ema_weight(cfg.lr, step))
+        self.samples_seen += n
+        due = (step + 1) % cfg.every == 0
+        if not due or int(self.samples_seen) < d:
+            return
+        if float(torch.diagonal(self.running_cov).sum()) <= 0:
+            return  # nothing but zeros seen: nothing to whiten
+        if cfg.method == "zca":
+            target = zca_whitener(self.running_cov, cfg.eps)
+        else:
+            target = newton_whitener(self.running_cov, cfg.eps, cfg.iters)
+        self.R.lerp_(target, cfg.blend)
+
+    def _check(self, updates: int) -> None:
+        """Raise :class:`TrainingDiverged` if R exploded, turned non-finite or (scaled) collapsed.
+
+        ``scaled`` renormalises R every step, so an unstable step size does not blow R up: it
+        collapses all outputs onto the top input direction instead (each step multiplies that
+        direction by g·|1 − ηλ_max| > g once ηλ_max > 2, and the gain then shrinks the rest).
+        That is caught from the η·λ_max(C) of the steps, estimated on the subsample, once it has
+        stayed above 2 for COLLAPSE_PATIENCE updates in a row.
+        """
+        cfg = self.config
+        d = self.R.shape[0]
+        gain = float(torch.linalg.vector_norm(self.R)) / math.sqrt(d)
+        lr_lambda = max(float(self.lr_lambda), 0.0)
+        unstable = cfg.method == "scaled" and not lr_lambda <= COLLAPSE_LIMIT
+        if unstable:
+            self.unstable_steps += 1
+        else:
+            self.unstable_steps.zero_()
+        collapsed = int(self.unstable_steps) >= COLLAPSE_PATIENCE
+        if math.isfinite(gain) and gain <= cfg.max_norm and not collapsed:
+            return
+        if not math.isfinite(gain):
+            what = "R has non-finite entries"
+        elif gain > cfg.max_norm:
+            what = f"R's RMS gain ‖R‖_F/√d = {gain:.3g} exceeds max_norm = {cfg.max_norm:g}"
+        else:
+            what = (
+                f"lr·λ_max(C) = {lr_lambda:.3g} > {COLLAPSE_LIMIT:g} for "
+                f"{int(self.unstable_steps)} steps in a row, so each update amplifies the "
+                "dominant input direction and the outputs collapse onto it"
+            )
+        if cfg.method in EXACT:
+            advice = f"raise the ridge eps (now {cfg.eps:g}) or max_norm, or standardise the input"
+        else:
+            advice = (
+                f"lower the decorrelation learning rate (--decor-lr, now {cfg.lr:g}); "
+                "these rules need lr · λ_max(input covariance) well below 1"
+            )
+        raise TrainingDiverged(
+            f"decorrelation of layer '{self.name}' ({cfg.method}) diverged after "
+            f"{updates} updates: {what}; {advice}"
+        )
+
+    # ------------------------------------------------------------------ diagnostics
+
+    def _remember(self, x: Tensor) -> None:
+        """Keep the last STATS_ROWS raw sample rows (a ring buffer) for :meth:`stats`."""
+        rows = x[-STATS_ROWS:]
+        n = rows.shape[0]
+        pos = int(self.stats_count) % STATS_ROWS
+        idx = (pos + torch.arange(n, device=x.device)) % STATS_ROWS
+        self.stats_rows[idx] = rows.to(self.stats_rows.dtype)
+        self.stats_count += n
+
+    @torch.no_grad()
+    def stats(self, cond: bool = True) -> dict[str, float]:
+        """Diagnostics of R and of its output on the recently seen samples.
+
+        * ``R_norm``: ‖R‖_F/√d (1 at the identity).
+        * ``cond``: σ_max(R)/σ_min(R) (an O(d³) SVD; skipped with ``cond=False``).
+        * ``offdiag`` / ``offdiag_input``: mean |C_ij|/√(C_ii C_jj) over i ≠ j of z = R x and of
+          x, on up to 512 recent samples, with C the statistic the method decorrelates (centred
+          if demeaning, uncentred otherwise); constant coordinates are left out. Sampling noise puts
+          a floor of ≈ 0.8/√(samples) under it.
+        * ``power_ratio``: Σ‖z‖² / Σ‖x‖² on the same samples (1 = input power preserved).
+        * ``lr_lambda``: η·λ_max(C) of the last learned update (stability needs it well below 1–2).
+        """
+        R = self.R.float()
+        d = R.shape[0]
+        out = {"R_norm": float(torch.linalg.vector_norm(R)) / math.sqrt(d)}
+        if cond:
+            sv = torch.linalg.svdvals(R)
+            out["cond"] = float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
+        filled = min(int(self.stats_count), STATS_ROWS)
+        if filled >= 2:
+            x = self.stats_rows[:filled].to(device=R.device, dtype=R.dtype)
+            if self.config.demean:
+                x = x - x.mean(0)
+            z = x @ R.T
+            out["offdiag"] = _mean_abs_offdiag(z)
+            out["offdiag_input"] = _mean_abs_offdiag(x)
+            power = float(x.square().sum())
+            out["power_ratio"] = float(z.square().sum()) / power if power > 0 else math.nan
+        if float(self.lr_lambda) >= 0:
+            out["lr_lambda"] = float(self.lr_lambda)
+        return out
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        return f"method={cfg.method}, lr={cfg.lr:g}, d={self.R.shape[0]}"
+
+
+def _mean_abs_offdiag(samples: Tensor) -> float:
+    """Mean |C_ij|/√(C_ii C_jj), i ≠ j, over the non-constant coordinates of ``samples`` [n, d]."""
+    c = samples.T @ samples / samples.shape[0]
+    var = torch.diagonal(c)
+    alive = live_coordinates(coordinate_variance(samples), CONSTANT_TOL) & (var > 0)
+    k = int(alive.sum())
+    if k < 2:
+        return 0.0
+    scale = var[alive].rsqrt()
+    corr = c[alive][:, alive] * scale[:, None] * scale[None, :]
+    total = corr.abs().sum() - torch.diagonal(corr).abs().sum()
+    return float(total) / (k * (k - 1))
+
+
+class DecorLinear(Decorrelator):
+    """``a = W (R x) + b`` around an existing ``nn.Linear`` (``.layer``).
+
+    Inputs of any shape [..., d] work; every row of the flattened input is a sample, a 2-D batch
+    gives ⌊sample_frac·B⌋ + 1 of them (more dimensions: capped at ``max_samples``).
+
+    ``fold`` (None = automatic) picks the order of products: folding (W R) costs out·d² per call
+    and another out·d² for W's gradient; applying R to the input costs rows·d² and another rows·d²
+    for the input's gradient. Each call takes the cheaper one.
+    """
+
+    layer: nn.Linear
+
+    def __init__(self, layer: nn.Linear, config: DecorConfig, name: str = "") -> None:
+        super().__init__(layer, layer.in_features, config, name)
+        self.fold_weight: bool | None = config.fold
+
+    def _fold_is_cheaper(self, x: Tensor) -> bool:
+        if self.fold_weight is not None:
+            return self.fold_weight
+        grad = torch.is_grad_enabled()
+        rows = x.numel() // max(1, x.shape[-1])
+        fold_cost = self.layer.out_features * (1 + int(grad and self.layer.weight.requires_grad))
+        direct_cost = rows * (1 + int(grad and x.requires_grad))
+        return fold_cost < direct_cost
+
+    def forward(self, x: Tensor) -> Tensor:
+        capture = self._capturing()
+        if self._fold_is_cheaper(x):
+            if capture:
+                self._capture(x, None)
+            return F.linear(x, self.layer.weight @ self.R, self.layer.bias)
+        z = F.linear(x, self.R)  # x Rᵀ
+        if capture:
+            self._capture(x, z)
+        return F.linear(z, self.layer.weight, self.layer.bias)
+
+    def _capture(self, x: Tensor, z: Tensor | None) -> None:
+        d = self.R.shape[0]
+        rows = x.reshape(-1, d)
+        count = subsample_size(rows.shape[0], self.config.sample_frac)
+        if x.dim() > 2:
+            count = min(count, self.config.max_samples)
+        idx = choose(rows.shape[0], count, x.device, self._seed, int(self.num_updates), "rows")
+        self._store(rows[idx], None if z is None else z.reshape(-1, d)[idx])
+
+
+class DecorConv2d(Decorrelator):
+    """A Conv2d whose C_in·kh·kw input patches are decorrelated by R, folded into the kernel.
+
+    The forward is one ``F.conv2d`` with the effective kernel W R and the layer's own stride,
+    padding and dilation. The subsample is ⌊sample_frac·B⌋ + 1 images, from which at most
+    ``max_samples`` random patches (positions) are gathered. Only ``groups=1`` and zero padding
+    are supported (others are refused at conversion).
+    """
+
+    layer: nn.Conv2d
+
+    def __init__(self, layer: nn.Conv2d, config: DecorConfig, name: str = "") -> None:
+        label = name or "Conv2d"
+        if layer.groups != 1:
+            raise UserError(
+                f"cannot decorrelate layer '{label}': grouped convolutions (groups="
+                f"{layer.groups}) are not supported; leave it out with exclude=[{label!r}]"
+            )
+        if layer.padding_mode != "zeros":
+            raise UserError(
+                f"cannot decorrelate layer '{label}': padding_mode={layer.padding_mode!r} is not "
+                f"supported (only 'zeros'); leave it out with exclude=[{label!r}]"
+            )
+        kh, kw = layer.kernel_size
+        super().__init__(layer, layer.in_channels * kh * kw, config, name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._capturing():
+            self._capture(x)
+        conv = self.layer
+        return F.conv2d(
+            x, self.effective_weight(), conv.bias, conv.stride, conv.padding, conv.dilation
+        )
+
+    def _capture(self, x: Tensor) -> None:
+        batch = x.detach() if x.dim() == 4 else x.detach().unsqueeze(0)
+        step = int(self.num_updates)
+        count = subsample_size(batch.shape[0], self.config.sample_frac)
+        images = choose(batch.shape[0], count, x.device, self._seed, step, "images")
+        patches = conv_patches(
+            batch, self.layer, self.config.max_samples, self._seed, step, images=images
+        )
+        self._store(patches, None)

@@ -1,0 +1,360 @@
+"""The decorrelation methods: their configuration and the maths that updates R.
+
+A decorrelator holds a square matrix R in front of a layer (z = R x). Once per training step it
+updates R from a small subsample of the layer's inputs. Two families exist:
+
+* **learned rules** (``copi``, ``dbp``, ``scaled``): one cheap multiplicative step
+  R ← R − η·M·R per training step, where M is built from C = ⟨z zᵀ⟩ on the subsample. C is never
+  formed: C·R = zᵀ(z R)/n costs 2·n·d² for n samples instead of d³.
+* **exact reference methods** (``zca``, ``newton``): keep a running (EMA) second-moment matrix of
+  the raw input x and set R to its inverse square root, by eigendecomposition (``zca``) or by a
+  trace-normalised Newton–Schulz iteration (``newton``, as in IterNorm). They are the yardstick,
+  not the fast path.
+
+``C`` is the uncentred second moment unless ``demean=True``, in which case a running mean of x is
+subtracted first (the forward pass itself always computes z = R x; the mean passes through R and
+is absorbed by the next bias).
+
+Everything here is a pure function of tensors so that it can be tested on its own; the module in
+:mod:`decorrelate.nn.decorrelation` owns the buffers and calls these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+
+METHODS: tuple[str, ...] = ("copi", "dbp", "scaled", "zca", "newton")
+LEARNED: tuple[str, ...] = ("copi", "dbp", "scaled")
+EXACT: tuple[str, ...] = ("zca", "newton")
+
+#: Default η per method. The learned rules turn unstable once η·λ_max(C) nears 1–2 (C: second
+#: moment of the layer input on the subsample; see :mod:`decorrelate.nn.decorrelation`). On
+#: standardised MNIST, MLP 784-1000×4-10 trained by BP with Adam (lr 1e-3, batch 256):
+#: λ_max ≈ 200–400 at the first layer. ``dbp`` whitens to unit variance and ``copi`` shrinks
+#: the variances, so their λ_max stays put and 1e-3 kept η·λ_max ≤ 0.3 for 600 steps while
+#: decorrelating each layer within a few hundred. ``scaled`` preserves the input power while
+#: whitening, so its λ_max grows with the hidden activations and with the tail of rare samples
+#: that whitening amplifies: at 1e-3 the classifier input collapsed after ≈ 350 steps, at
+#: 3e-4 η·λ_max crept up to 0.24 by step 600; 1e-4, the low end of what the paper recommends
+#: (1e-4 … 1e-6), keeps a wide margin. For ``zca``/``newton`` "lr" is the EMA rate of the
+#: running covariance (1e-2: a memory of ~100 updates).
+DEFAULT_LR: dict[str, float] = {
+    "copi": 1e-3,
+    "dbp": 1e-3,
+    "scaled": 1e-4,
+    "zca": 1e-2,
+    "newton": 1e-2,
+}
+#: ``dbp``'s κ. 0.5 makes the rule R ← R − (η/2)(C − I)R, the symmetric whitening rule, which
+#: reaches unit variance as fast as it decorrelates. Dalm et al. use κ ≈ 0.01 (mostly
+#: decorrelation, very slow variance control); pass ``kappa=0.01`` to reproduce them.
+DEFAULT_KAPPA = 0.5
+
+
+@dataclass(frozen=True)
+class DecorConfig:
+    """Everything that defines how one decorrelator learns. Build it with :meth:`create`.
+
+    Options beyond the method, ``lr``, ``kappa``, ``sample_frac`` and ``demean``:
+
+    * ``max_samples`` (256): cap on the samples per update where one batch element gives many
+      (every spatial position of a conv input, every token of an N-d Linear input).
+    * ``max_norm`` (1e3): divergence bound. After an update, ‖R‖_F/√d (1 at the identity; the
+      RMS gain R applies to an input direction) above this, or any non-finite entry, raises
+      :class:`~decorrelate.errors.TrainingDiverged`. Exact whitening of inputs with variance v
+      needs a gain ≈ 1/√v, so raise the bound for inputs far below unit scale.
+    * ``var_floor`` (1e-2, learned rules): rows of R that belong to input coordinates whose
+      running variance is at most ``var_floor`` × the mean running variance are frozen (never
+      updated). Inputs that are always zero or always the same constant (MNIST's empty border
+      pixels) are the extreme case, inputs active in a handful of images the common one;
+      without the floor the rules inflate their rows without bound (see
+      :func:`live_coordinates`).
+    * ``momentum`` (0.01, learned rules): EMA rate of the running statistics of x: the
+      per-coordinate variance used by the floor, and the mean when ``demean=True``
+      (``zca``/``newton`` use ``lr`` for theirs).
+    * ``eps`` (1e-3, zca/newton): ridge added to the running covariance, relative to its mean
+      eigenvalue: R = (C + eps·tr(C)/d·I)^(−1/2). It caps the gain along dead or unseen directions
+      at ≈ 1/√eps times the typical gain.
+    * ``every`` (10, zca/newton): recompute R every this many updates (the covariance itself is
+      accumulated at every update). R stays the identity until the running covariance has seen
+      at least d samples, so that early, rank-deficient estimates are never inverted.
+    * ``blend`` (0.1, zca/newton): at each recompute R moves this fraction of the way to the
+      exact whitening matrix (1 jumps there). Jumping from the identity to full whitening
+      in the middle of training hands every layer an input it was not trained on (on an MNIST
+      MLP the loss went from 0.3 to ~2000 in one step); blending spreads the change over
+      ~1/blend recomputes so that the weights follow, and R still converges to the exact
+      whitener of the running covariance.
+    * ``iters`` (20, newton): Newton–Schulz iterations from the identity. Convergence takes about
+      log₁.₅(√(d/eps)) + 3 iterations, i.e. ≈ 20 for d ≈ 1000.
+    * ``fold`` (None): Linear layers only. None chooses the cheaper order of products per call;
+      True always multiplies R into the weight (W R), False always into the input (x Rᵀ).
+    * ``seed`` (0): seeds the choice of the subsample (together with the layer name and the
+      update count, so a resumed run draws the same subsamples).
+    """
+
+    method: str
+    lr: float
+    kappa: float = DEFAULT_KAPPA
+    sample_frac: float = 0.1
+    demean: bool = False
+    max_samples: int = 256
+    max_norm: float = 1e3
+    var_floor: float = 1e-2
+    momentum: float = 0.01
+    eps: float = 1e-3
+    every: int = 10
+    blend: float = 0.1
+    iters: int = 20
+    fold: bool | None = None
+    seed: int = 0
+
+    @classmethod
+    def create(
+        cls,
+        method: str,
+        *,
+        lr: float | None = None,
+        kappa: float | None = None,
+        sample_frac: float = 0.1,
+        demean: bool = False,
+        **options: Any,
+    ) -> DecorConfig:
+        """A validated configuration; any impossible request raises :class:`UserError`."""
+        if not isinstance(method, str) or method not in METHODS:
+            raise UserError(
+                f"unknown decorrelation method {method!r}; choose one of: {', '.join(METHODS)}"
+            )
+        known = {f.name for f in fields(cls)} - {"method", "lr", "kappa", "sample_frac", "demean"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UserError(
+                f"unknown decorrelation option(s) {', '.join(unknown)}; "
+                f"valid options: lr, kappa, sample_frac, demean, {', '.join(sorted(known))}"
+            )
+        only = {
+            "eps": EXACT,
+            "every": EXACT,
+            "blend": EXACT,
+            "iters": ("newton",),
+            "kappa": ("dbp",),
+            "var_floor": LEARNED,
+            "momentum": LEARNED,
+        }
+        given = dict(options, kappa=kappa)
+        for name, methods in only.items():
+            if given.get(name) is not None and method not in methods:
+                raise UserError(
+                    f"decorrelation option {name!r} applies to {', '.join(methods)} only, "
+                    f"not to {method!r}"
+                )
+        cfg = cls(
+            method=method,
+            lr=DEFAULT_LR[method] if lr is None else lr,
+            kappa=DEFAULT_KAPPA if kappa is None else kappa,
+            sample_frac=sample_frac,
+            demean=demean,
+            **options,
+        )
+        cfg._validate()
+        return cfg
+
+    def _validate(self) -> None:
+        def number(name: str, ok: bool, want: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+                raise UserError(f"decorrelation {name}={value!r} is invalid: must be {want}")
+
+        def finite(name: str) -> bool:
+            value = getattr(self, name)
+            return isinstance(value, (int, float)) and math.isfinite(value)
+
+        if self.method in EXACT:
+            number("lr", finite("lr") and 0 < self.lr <= 1, "in (0, 1] (the EMA rate)")
+        else:
+            number("lr", finite("lr") and self.lr > 0, "a positive finite number")
+        number("kappa", finite("kappa") and 0 <= self.kappa <= 1, "in [0, 1]")
+        number("sample_frac", finite("sample_frac") and 0 < self.sample_frac <= 1, "in (0, 1]")
+        number("max_norm", finite("max_norm") and self.max_norm > 1, "a finite number > 1")
+        number("var_floor", finite("var_floor") and 0 <= self.var_floor < 1, "in [0, 1)")
+        number("momentum", finite("momentum") and 0 < self.momentum <= 1, "in (0, 1]")
+        number("eps", finite("eps") and self.eps > 0, "a positive finite number")
+        number("blend", finite("blend") and 0 < self.blend <= 1, "in (0, 1]")
+        for name in ("max_samples", "every", "iters"):
+            value = getattr(self, name)
+            number(name, isinstance(value, int) and value >= 1, "a positive integer")
+        if not isinstance(self.demean, bool):
+            raise UserError(f"decorrelation demean={self.demean!r} is invalid: must be a bool")
+        if self.fold not in (None, True, False):
+            raise UserError(f"decorrelation fold={self.fold!r} is invalid: None, True or False")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise UserError(f"decorrelation seed={self.seed!r} is invalid: must be an integer")
+
+
+# ----------------------------------------------------------------------------- learned rules
+
+
+def coordinate_variance(samples: Tensor) -> Tensor:
+    """Variance of each coordinate of ``samples`` [n, d] across the samples (centred on them)."""
+    return (samples - samples.mean(0)).square().mean(0)
+
+
+def live_coordinates(running_var: Tensor, var_floor: float) -> Tensor:
+    """True for the input coordinates whose running variance exceeds ``var_floor`` × the mean.
+
+    Why a floor is needed. An input that is always zero, or always the same constant (MNIST's 67
+    empty border pixels are zero raw and −0.42 after standardisation), carries no signal, and a
+    group of m constants spans one direction only, so the input covariance is singular along
+    m − 1 directions that no multiplicative rule can shrink: every rule's growth term (dbp's
+    variance term, copi's diagonal, scaled's gain) would inflate R there forever although z
+    never changes. Inputs active in only a few images (MNIST has many) are nearly as bad:
+    between their rare events the subsample sees no variance and the growth terms inflate their
+    rows; when an event comes, the amplified sample makes η·λ_max(C) spike, and with η ≈ 1e-3
+    that destabilises R within a few thousand steps. So the rows of R that belong to such
+    inputs are frozen. The test is on the *input's* running variance (an EMA over steps): it
+    does not depend on R, so a row cannot talk itself over the floor by its own growth, and it
+    is not fooled by one quiet or one busy subsample. Every other row is decorrelated and
+    whitened as the rule says (and live rows still decorrelate from frozen ones, which learns
+    their offset).
+    """
+    return running_var > var_floor * running_var.mean()
+
+
+def top_eigenvalue(gram: Tensor, iters: int = 10) -> Tensor:
+    """The largest eigenvalue of a small PSD matrix (exact up to n = 64, else estimated).
+
+    Applied to the n×n Gram matrix z zᵀ/n, whose non-zero eigenvalues are those of
+    C = zᵀz/n, this costs nothing in d. Beyond n = 64 a few power iterations (O(n²) each, from
+    the Gram column with the largest diagonal) give a Rayleigh quotient: a lower bound that is
+    tight once the top eigenvalue stands out, which is the case that matters here.
+    """
+    if gram.shape[0] <= 64:
+        return torch.linalg.eigvalsh(gram)[-1]
+    v = gram[:, int(torch.argmax(torch.diagonal(gram)))]
+    for _ in range(iters):
+        v = gram @ v
+        v = v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(gram.dtype).tiny)
+    return v @ (gram @ v)
+
+
+def scaled_gain(x: Tensor, z: Tensor, gram: Tensor, lr: float, live: Tensor) -> Tensor:
+    """The ``scaled`` rule's gain g: mean over samples of ‖x_i‖ / ‖z'_i‖.
+
+    z' are the samples as the updated R will map them before the gain: live coordinates become
+    (I − ηC) z (as C = zᵀz/n, that is z − η·(z zᵀ/n)·z, only n²·d work), frozen ones stay. So
+    after the update the decorrelated inputs keep the raw inputs' norm on average (the fixed
+    point has ‖z‖ ≈ ‖x‖ up to the spread of the per-sample ratios). Zero-norm samples are skipped.
+    """
+    z_new = z - lr * (gram @ (z * live))
+    x_norm = torch.linalg.vector_norm(x, dim=1)
+    z_norm = torch.linalg.vector_norm(z_new, dim=1)
+    ok = (x_norm > 0) & (z_norm > 0)
+    ratio = torch.where(ok, x_norm / z_norm.clamp_min(torch.finfo(z.dtype).tiny), 0.0)
+    count = ok.sum()
+    return torch.where(count > 0, ratio.sum() / count.clamp_min(1), torch.ones_like(ratio[0]))
+
+
+class StepInfo(NamedTuple):
+    """What one learned update saw: live coordinates and the estimated η·λ_max(C)."""
+
+    live: Tensor
+    lr_lambda: Tensor
+
+
+def learned_update(
+    R: Tensor, x: Tensor, z: Tensor, running_var: Tensor, step: int, cfg: DecorConfig
+) -> StepInfo:
+    """One step of ``copi``, ``dbp`` or ``scaled``, applied to R (and ``running_var``) in place.
+
+    ``x`` [n, d] are the (centred, if demeaning) raw samples, ``z`` = x Rᵀ the decorrelated ones,
+    ``running_var`` the running per-coordinate variance of x and ``step`` the number of updates
+    so far. With C = zᵀz/n and c = diag(C):
+
+    * copi:   R ← R − η·offdiag(C)·R             = diag(1 + ηc)·R − η·C·R
+    * dbp:    R ← R − η·[(1−κ)·offdiag(C) + κ·diag(c − 1)]·R
+    * scaled: R ← g·(I − ηC)·R,  g = :func:`scaled_gain`
+
+    C·R is computed as zᵀ(z R)/n (2·n·d² work, never d³). Rows of inputs below the variance
+    floor (see :func:`live_coordinates`) are left unchanged. Also returns η·λ_max(C),
+    estimated from the n×n Gram matrix: above 2 the step amplifies the top direction.
+    """
+    n = z.shape[0]
+    lr = cfg.lr
+    running_var.lerp_(coordinate_variance(x), ema_weight(cfg.momentum, step))
+    live = live_coordinates(running_var, cfg.var_floor)
+    all_live = bool(live.all())
+    gram = (z @ z.T) / n  # n×n: same non-zero spectrum as C
+    info = StepInfo(live, lr * top_eigenvalue(gram))
+    zR = z @ R  # n×d, with the R before the update
+    z_live = z if all_live else z * live  # zero columns ⇒ zero rows of zᵀ(zR): frozen rows stay
+    if cfg.method == "scaled":
+        g = float(scaled_gain(x, z, gram, lr, live))
+        frozen = None if all_live else (~live).nonzero().squeeze(1)
+        kept = None if frozen is None else R[frozen]  # a copy; usually few rows
+        R.addmm_(z_live.T, zR, beta=g, alpha=-g * lr / n)  # g·(R − η C R) in one pass over R
+        if frozen is not None:
+            R[frozen] = kept
+        return info
+    c = z.square().mean(0)
+    if cfg.method == "copi":
+        decor, row_scale = 1.0, 1.0 + lr * c
+    elif cfg.method == "dbp":
+        decor = 1.0 - cfg.kappa
+        row_scale = 1.0 + lr * decor * c - lr * cfg.kappa * (c - 1.0)
+    else:
+        raise ValueError(f"not a learned decorrelation method: {cfg.method!r}")
+    R.mul_(torch.where(live, row_scale, torch.ones_like(c)).unsqueeze(1))
+    R.addmm_(z_live.T, zR, alpha=-lr * decor / n)
+    return info
+
+
+# ----------------------------------------------------------------------------- exact methods
+
+
+def ema_weight(lr: float, num_updates: int) -> float:
+    """EMA rate that starts as a plain running average (1/(t+1)) and settles at ``lr``.
+
+    Without the warm-up the first estimates would be dominated by the zero initial state.
+    """
+    return max(lr, 1.0 / (num_updates + 1))
+
+
+def ridge(cov: Tensor, eps: float) -> float:
+    """The absolute ridge eps·tr(C)/d for the relative ``eps``."""
+    return eps * float(torch.diagonal(cov).mean())
+
+
+def zca_whitener(cov: Tensor, eps: float) -> Tensor:
+    """(C + ridge·I)^(−1/2) by a symmetric eigendecomposition (in float64 for accuracy)."""
+    c64 = cov.double()
+    c64 = 0.5 * (c64 + c64.T)
+    evals, evecs = torch.linalg.eigh(c64)
+    inv_sqrt = (evals.clamp_min(0.0) + ridge(cov, eps)).rsqrt()
+    return ((evecs * inv_sqrt) @ evecs.T).to(cov.dtype)
+
+
+def newton_whitener(cov: Tensor, eps: float, iters: int) -> Tensor:
+    """(C + ridge·I)^(−1/2) by the trace-normalised, coupled Newton–Schulz iteration.
+
+    With Σ = C + ridge·I and A = Σ / tr(Σ) (eigenvalues in (0, 1]): Y₀ = A, Z₀ = I,
+    T = (3I − Z Y)/2, Y ← Y T, Z ← T Z. Z converges to A^(−1/2) (and Y to A^(1/2)); then
+    Σ^(−1/2) = Z / √tr(Σ). The coupled form is the numerically stable one (the uncoupled
+    P ← (3P − P³A)/2 amplifies rounding errors once the condition number is large). Only matrix
+    products: the form that suits accelerators, as in IterNorm.
+    """
+    d = cov.shape[0]
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    sigma = 0.5 * (cov + cov.T) + ridge(cov, eps) * eye
+    trace = torch.diagonal(sigma).sum()
+    y = sigma / trace
+    z = eye
+    for _ in range(iters):
+        t = 1.5 * eye - 0.5 * (z @ y)
+        y, z = y @ t, t @ z
+    return 0.5 * (z + z.T) * trace.rsqrt()
