@@ -228,8 +228,8 @@ class FeedbackAlignment(_FeedbackRule):
         if x is None:
             return None
         layer = inner_layer(module)
-        b = fold_r(module, self.feedback(module))
         if isinstance(layer, nn.Conv2d):
+            b = fold_r(module, self.feedback(module))  # a small kernel-sized product
             shape = x.shape
 
             def send(delta: Tensor) -> Tensor:
@@ -243,9 +243,13 @@ class FeedbackAlignment(_FeedbackRule):
                     groups=layer.groups,
                 )
         else:
+            b = self.feedback(module)
+            r = getattr(module, "R", None) if hasattr(module, "fold") else None
 
             def send(delta: Tensor) -> Tensor:
-                return delta @ b.to(delta.dtype)
+                # (δ B) R rather than δ (B R): rows·out·d + rows·d² instead of out·d² per step.
+                back = delta @ b.to(delta.dtype)
+                return back if r is None else back @ r.to(delta.dtype)
 
         return _RouteError.apply(out, x, send)
 

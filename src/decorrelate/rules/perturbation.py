@@ -287,11 +287,18 @@ def write_grads(module: nn.Module, e: Tensor, x_in: Tensor, batch: int) -> None:
             groups=layer.groups,
         )
         grad_b = e.sum(dim=(0, 2, 3))
+        grad_w = module.weight_grad(grad_eff) if hasattr(module, "weight_grad") else grad_eff
     else:
         e2, x2 = e.reshape(-1, e.shape[-1]), x_flat.reshape(-1, x_flat.shape[-1])
-        grad_eff = e2.T @ x2
+        if hasattr(module, "weight_grad"):
+            # ⟨e zᵀ⟩ with z = R x: rows·d² to decorrelate the inputs instead of out·d² to map
+            # ⟨e xᵀ⟩ through Rᵀ (the classifier, out ≪ rows, takes the other order)
+            r = module.R.to(x2.dtype)
+            small_out = e2.shape[1] < x2.shape[0]
+            grad_w = module.weight_grad(e2.T @ x2) if small_out else e2.T @ (x2 @ r.T)
+        else:
+            grad_w = e2.T @ x2
         grad_b = e2.sum(0)
-    grad_w = module.weight_grad(grad_eff) if hasattr(module, "weight_grad") else grad_eff
     _accumulate(layer.weight, grad_w)
     if layer.bias is not None:
         _accumulate(layer.bias, grad_b)
