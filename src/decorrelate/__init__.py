@@ -12,6 +12,7 @@ and every optimizer. Five lines on your own model::
         opt.zero_grad(); rule.backward(model, x, y); opt.step(); dc.nn.local_update(model)
 """
 
+from . import fixedpoint as fixedpoint  # registers the fixed-point rules
 from .config import TrainConfig, make_config
 from .errors import DataError, TrainingDiverged, UserError
 from .losses import Loss

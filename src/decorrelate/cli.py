@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="PNG prefix (default: plot in the first RUN_DIR)")
 
+    from .fixedpoint.cli import add_parser as add_fixedpoint_parser
+
+    add_fixedpoint_parser(sub)
+
     p = sub.add_parser(
         "reproduce",
         help="run a named experiment suite (tables and PNG plots)",
@@ -261,12 +265,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fixedpoint(args: argparse.Namespace) -> int:
+    from .fixedpoint.cli import run
+
+    return run(args)
+
+
 COMMANDS = {
     "train": _cmd_train,
     "eval": _cmd_eval,
     "compare": _cmd_compare,
     "plot": _cmd_plot,
     "reproduce": _cmd_reproduce,
+    "fixedpoint": _cmd_fixedpoint,
     "demo": _cmd_demo,
 }
 

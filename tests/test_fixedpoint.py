@@ -1,0 +1,522 @@
+"""Fixed-point rate networks: solver, implicit gradient, reparameterised rules, tasks, CLI.
+
+Every number checked here would be wrong if the maths were: gradients against central finite
+differences in float64, the vectorised rules against their explicit matrix forms, the
+reparameterised step against an exact step in A, solver residuals against the tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from decorrelate.cli import _Parser
+from decorrelate.data import Dataset
+from decorrelate.errors import TrainingDiverged, UserError
+from decorrelate.fixedpoint import (
+    FixedPointNotConverged,
+    RateRNN,
+    SolverConfig,
+    TargetLoss,
+    euclidean_gradient,
+    gradient_wrt_A,
+    linearized_update,
+    response_matrix,
+    solve_adjoint,
+)
+from decorrelate.fixedpoint import cli as fp_cli
+from decorrelate.fixedpoint.config import FixedPointConfig
+from decorrelate.fixedpoint.landscape import line_poles, losses_at, minimiser, run_landscape
+from decorrelate.fixedpoint.rules import loss_and_delta
+from decorrelate.fixedpoint.sweep import load_sweep, run_sweep
+from decorrelate.fixedpoint.tasks import evaluate_fixed_points, make_teacher, run_task
+from decorrelate.losses import Loss
+from decorrelate.rules import get_rule
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation (and on a busy machine,
+    waiting for a descheduled thread makes every op take milliseconds)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TIGHT = SolverConfig(tol=1e-13, max_iter=2000, adjoint="direct")
+
+
+def make_net(
+    activation: str,
+    *,
+    hidden: int = 7,
+    inputs: int = 5,
+    outputs: int | None = 3,
+    w_scale: float = 0.8,
+    solver: SolverConfig = TIGHT,
+    seed: int = 0,
+) -> RateRNN:
+    gen = torch.Generator().manual_seed(seed)
+    return RateRNN(
+        hidden,
+        inputs,
+        outputs,
+        activation=activation,
+        w_scale=w_scale,
+        solver=solver,
+        generator=gen,
+        dtype=F64,
+    )
+
+
+def batch(inputs: int = 5, n: int = 4, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, inputs, generator=gen, dtype=F64), torch.tensor([0, 1, 2, 1])[:n]
+
+
+def loss_of(model: RateRNN, x: torch.Tensor, y: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    fp = model.solve(model.drive(x), W)
+    return Loss("cross-entropy")(model.read(fp.r), y)
+
+
+def finite_difference(model: RateRNN, x: torch.Tensor, y: torch.Tensor, h: float = 1e-6):
+    W = model.W.detach()
+    grad = torch.zeros_like(W)
+    for i in range(W.shape[0]):
+        for j in range(W.shape[1]):
+            E = torch.zeros_like(W)
+            E[i, j] = h
+            grad[i, j] = (loss_of(model, x, y, W + E) - loss_of(model, x, y, W - E)) / (2 * h)
+    return grad
+
+
+def rule_grad(name: str, model: RateRNN, x, y, loss=None, **options) -> torch.Tensor:
+    rule = get_rule(name, **options)
+    rule.attach(model, loss or Loss("cross-entropy"))
+    model.W.grad = None
+    rule.backward(model, x, y)
+    grad = model.W.grad.clone()
+    model.W.grad = None
+    return grad
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("activation", ["tanh", "identity"])
+@pytest.mark.parametrize("adjoint", ["direct", "iterative"])
+def test_implicit_gradient_matches_finite_differences(activation, adjoint):
+    model = make_net(activation, solver=SolverConfig(tol=1e-13, max_iter=2000, adjoint=adjoint))
+    x, y = batch()
+    fd = finite_difference(model, x, y)
+    assert rel_err(rule_grad("euclidean", model, x, y), fd) < 1e-6
+    # The model's own autograd path (implicit backward) gives the same gradient.
+    Loss("cross-entropy")(model(x), y).backward()
+    assert rel_err(model.W.grad, fd) < 1e-6
+
+
+def test_bptt_through_converged_iterations_matches_implicit_gradient():
+    model = make_net("tanh", solver=SolverConfig(tol=1e-12, max_iter=3000, adjoint="direct"))
+    x, y = batch()
+    assert rel_err(rule_grad("bptt", model, x, y), rule_grad("euclidean", model, x, y)) < 1e-8
+
+
+def test_adjoint_direct_and_iterative_agree_and_solve_the_system():
+    model = make_net("tanh", hidden=12)
+    x, _ = batch()
+    fp = model.fixed_point(x)
+    delta = torch.randn(fp.r.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    W = model.W.detach()
+    u_direct = solve_adjoint(W, fp.gain, delta, "tanh", SolverConfig(adjoint="direct"))
+    u_iter = solve_adjoint(W, fp.gain, delta, "tanh", SolverConfig(adjoint="iterative", tol=1e-12))
+    residual = u_direct - (fp.gain * u_direct) @ W - delta  # (I − WᵀG) u − δ in row form
+    assert residual.abs().max() < 1e-12
+    assert (u_direct - u_iter).abs().max() < 1e-10
+
+
+def test_iterative_adjoint_falls_back_to_an_exact_solve_where_it_stalls():
+    model = make_net("tanh", hidden=12)
+    x, _ = batch()
+    fp = model.fixed_point(x)
+    delta = torch.randn(fp.r.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    W = model.W.detach()
+    starved = SolverConfig(adjoint="iterative", tol=1e-14, max_iter=2)  # cannot converge
+    exact = solve_adjoint(W, fp.gain, delta, "tanh", SolverConfig(adjoint="direct"))
+    assert (solve_adjoint(W, fp.gain, delta, "tanh", starved) - exact).abs().max() < 1e-13
+
+
+def test_linearized_equals_closed_form_linear_rule():
+    model = make_net("identity", outputs=None, hidden=6, inputs=None)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2), dtype=F64)
+    target = torch.randn(5, 6, generator=torch.Generator().manual_seed(3), dtype=F64)
+    loss = TargetLoss()
+    lin = rule_grad("linearized", model, x, target, loss)
+    lin_g = rule_grad("linearized-g", model, x, target, loss)
+    euclid = rule_grad("euclidean", model, x, target, loss)
+    fp = model.fixed_point(x)
+    _, delta = loss_and_delta(model, fp.r, target, loss)
+    B = torch.eye(6, dtype=F64) - model.W.detach()
+    grad_A = gradient_wrt_A(fp.drive, delta)
+    assert rel_err(lin, B @ grad_A @ B) < 1e-12  # B (∇_A L) B
+    assert rel_err(lin, B @ B.T @ euclid @ B.T @ B) < 1e-10  # (BBᵀ) ∇_W L (BᵀB)
+    assert rel_err(lin_g, lin) < 1e-12  # G = I: the two variants coincide
+
+
+def test_linearized_rules_equal_explicit_per_sample_products_for_tanh():
+    model = make_net("tanh", hidden=6)
+    x, y = batch()
+    fp = model.fixed_point(x)
+    _, delta = loss_and_delta(model, fp.r, y, Loss("cross-entropy"))
+    W, eye = model.W.detach(), torch.eye(6, dtype=F64)
+    want_lin = torch.zeros_like(W)
+    want_g = torch.zeros_like(W)
+    for b in range(x.shape[0]):  # explicit per-sample matrices: fine in a test
+        G = torch.diag(fp.gain[b])
+        left = eye - W @ G  # I − W G
+        right = eye - G @ W  # I − G W
+        grad_b = euclidean_gradient(
+            W, fp.r[b : b + 1], fp.gain[b : b + 1], delta[b : b + 1], "tanh", TIGHT
+        )
+        want_lin += left @ left.T @ grad_b @ right.T @ right
+        want_g += torch.outer(left @ delta[b], right.T @ right @ fp.r[b])
+    assert rel_err(rule_grad("linearized", model, x, y), want_lin) < 1e-10
+    assert rel_err(rule_grad("linearized-g", model, x, y), want_g) < 1e-12
+
+
+def test_reparam_moves_A_exactly_one_gradient_step():
+    model = make_net("identity", outputs=None, hidden=6, inputs=None)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2), dtype=F64)
+    target = torch.randn(5, 6, generator=torch.Generator().manual_seed(3), dtype=F64)
+    lr = 0.7
+    A = response_matrix(model.W.detach()).requires_grad_(True)
+    TargetLoss()(x @ A.T, target).backward()  # r = A x in row form: the loss as a function of A
+    want = A.detach() - lr * A.grad
+    rule = get_rule("reparam")
+    rule.attach(model, TargetLoss())
+    opt = torch.optim.SGD([model.W], lr=lr)
+    rule.bind_optimizer(opt)  # takes η from the optimizer
+    opt.zero_grad()
+    rule.backward(model, x, target)
+    opt.step()
+    assert rel_err(response_matrix(model.W.detach()), want) < 1e-12
+
+
+def test_reparam_refuses_nonlinear_networks_and_inexact_optimizers():
+    with pytest.raises(UserError, match="needs a linear network"):
+        get_rule("reparam", lr=0.1).attach(make_net("tanh"), Loss())
+    rule = get_rule("reparam", lr=0.1)
+    model = make_net("identity")
+    rule.attach(model, Loss())
+    for opt in (torch.optim.Adam([model.W], lr=0.1), torch.optim.SGD([model.W], 0.1, momentum=0.9)):
+        with pytest.raises(UserError, match="only plain SGD"):
+            rule.bind_optimizer(opt)
+    with pytest.raises(UserError, match=r"built for lr 0\.1"):
+        rule.bind_optimizer(torch.optim.SGD([model.W], lr=0.2))
+
+
+@pytest.mark.parametrize("name", ["euclidean", "bptt", "reparam", "linearized", "linearized-g"])
+def test_rules_refuse_other_models_in_one_line(name):
+    with pytest.raises(UserError) as err:
+        get_rule(name).attach(nn.Sequential(nn.Linear(3, 3)), Loss())
+    message = str(err.value)
+    assert "fixed-point rate network" in message and "decorrelate fixedpoint" in message
+    assert "\n" not in message
+
+
+# ----------------------------------------------------------------------------- solver
+
+
+@pytest.mark.parametrize("method", ["damped", "anderson", "newton"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "identity"])
+def test_solver_residual_is_below_tolerance(method, activation):
+    solver = SolverConfig(method=method, tol=1e-10)
+    model = make_net(activation, hidden=20, w_scale=0.5, solver=solver)
+    x, _ = batch()
+    fp = model.fixed_point(x)
+    recomputed = (fp.r - model.act.f(fp.r @ model.W.detach().T + model.drive(x))).abs().amax(-1)
+    scale = fp.r.abs().amax(-1).clamp_min(1.0)  # tol is relative beyond |r| = 1
+    assert bool(fp.converged.all()) and bool((fp.residual <= 1e-10 * scale).all())
+    assert torch.allclose(recomputed, fp.residual)
+    assert fp.iterations >= 1
+    if method == "newton" and activation == "identity":
+        assert fp.iterations == 1  # one shared LU solve is exact
+
+
+def test_methods_agree_on_the_fixed_point():
+    points = [
+        make_net("tanh", hidden=20, solver=SolverConfig(method=m, tol=1e-11))
+        .fixed_point(batch()[0])
+        .r
+        for m in ("damped", "anderson", "newton")
+    ]
+    assert (points[0] - points[1]).abs().max() < 1e-9
+    assert (points[0] - points[2]).abs().max() < 1e-9
+
+
+def unstable_net(policy: str = "raise") -> RateRNN:
+    """W = 3·N(0,1)/√N with tanh: chaotic, no fixed point within a few iterations."""
+    solver = SolverConfig(
+        method="damped", damping=1.0, tol=1e-8, max_iter=20, on_nonconvergence=policy
+    )
+    return make_net("tanh", hidden=40, w_scale=3.0, solver=solver)
+
+
+def test_nonconvergence_raises_a_clear_error():
+    with pytest.raises(FixedPointNotConverged, match=r"did not converge for \d+/4 samples"):
+        unstable_net().fixed_point(batch()[0])
+    rule = get_rule("linearized")
+    model = unstable_net()
+    rule.attach(model, Loss())
+    with pytest.raises(TrainingDiverged):  # the rules never use the point
+        rule.backward(model, *batch())
+    assert model.W.grad is None
+
+
+def test_skip_policy_still_raises_when_every_sample_fails():
+    with pytest.raises(FixedPointNotConverged, match="every sample failed"):
+        unstable_net("skip").fixed_point(batch()[0])
+
+
+def test_skip_policy_gradient_equals_gradient_of_the_converged_samples():
+    solver = SolverConfig(tol=1e-12, max_iter=2000, on_nonconvergence="skip", adjoint="direct")
+    model = make_net("tanh", hidden=6, solver=solver)
+    x, y = batch()
+    # Make sample 0 impossible: a non-finite drive never converges.
+    x_bad = x.clone()
+    x_bad[0] = math.nan
+    rule = get_rule("euclidean")
+    rule.attach(model, Loss("cross-entropy"))
+    rule.backward(model, x_bad, y)
+    assert rule.diagnostics()["nonconverged"] == 1
+    got = model.W.grad.clone()
+    model.W.grad = None
+    want = rule_grad("euclidean", model, x[1:], y[1:])
+    assert rel_err(got, want) < 1e-12
+
+
+def test_evaluation_counts_unsettled_inputs_as_errors_under_skip():
+    solver = SolverConfig(tol=1e-12, max_iter=2000, on_nonconvergence="skip")
+    model = make_net("tanh", hidden=6, solver=solver)
+    x, y = batch()
+    x[0] = math.nan  # this input never settles
+    data = Dataset(x, y, num_classes=3, name="toy")
+    loss_value, acc, unsettled = evaluate_fixed_points(model, data, Loss("cross-entropy"), 2)
+    out = model.read(model.fixed_point(x[1:]).r)
+    assert unsettled == 1
+    assert acc == pytest.approx(float((out.argmax(-1) == y[1:]).sum()) / 4)
+    assert loss_value == pytest.approx(float(Loss("cross-entropy")(out, y[1:])))
+
+
+def test_euler_is_the_fixed_step_setting_with_its_residual_reported():
+    solver = SolverConfig(method="euler", euler_steps=500, euler_dt=0.01)
+    fp = make_net("tanh", hidden=20, solver=solver).fixed_point(batch()[0])
+    assert fp.iterations == 500 and fp.method == "euler"
+    assert 1e-4 < fp.max_residual < 1.0  # T = 5τ is a few percent off the fixed point
+    assert not bool(fp.converged.any())  # reported, not hidden — and not raised
+    assert bool(fp.usable.all())  # the approximate point is the explicit choice of this method
+    model = make_net("tanh", hidden=20, solver=solver)
+    x, y = batch()
+    grad = rule_grad("linearized", model, x, y)  # the rules use all samples of the Euler point
+    _, delta = loss_and_delta(model, fp.r, y, Loss("cross-entropy"))
+    want = linearized_update(model.W.detach(), fp.r, fp.gain, delta)
+    assert rel_err(grad, want) < 1e-12
+
+
+def test_bptt_with_euler_trains_the_unrolled_iterate_and_reports_its_residual():
+    solver = SolverConfig(method="euler", euler_steps=60, euler_dt=0.1)
+    model = make_net("tanh", hidden=10, solver=solver)
+    x, y = batch()
+    grad = rule_grad("bptt", model, x, y)  # no exception: euler has no tolerance to enforce
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert model.last_solve is not None and model.last_solve.iterations == 60
+    assert model.last_solve.max_residual > 1e-6  # the approximate point, reported
+
+
+def test_bad_solver_options_are_user_errors():
+    with pytest.raises(UserError, match="solver option damping must be in"):
+        SolverConfig(damping=0)
+    with pytest.raises(UserError, match="method must be one of"):
+        SolverConfig(method="bisection")
+
+
+# ----------------------------------------------------------------------------- tasks and loop
+
+
+def tiny_teacher(**overrides) -> FixedPointConfig:
+    options = dict(task="linear-teacher", hidden=20, samples=10, steps=60, diag_every=10)
+    return FixedPointConfig(**{**options, **overrides})
+
+
+def test_teacher_task_learns_and_logs_the_diagnostics(tmp_path):
+    outcome = run_task(tiny_teacher(rule="linearized", lr=3.0), tmp_path / "run")
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")
+        if line
+    ]
+    assert len(rows) == 60 and rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    diag = rows[9]
+    for key in (
+        "loss",
+        "residual",
+        "solver_iterations",
+        "nonconverged",
+        "max_re_eig_W",
+        "max_re_eig_GW",
+        "angle_deg",
+        "seconds",
+    ):
+        assert key in diag
+    assert diag["residual"] < 1e-6 and 0 < diag["angle_deg"] < 90
+    assert outcome.summary["nonconverged_total"] == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["rule"] == "linearized"
+
+
+def test_runs_are_deterministic_in_the_seed():
+    a = run_task(tiny_teacher(rule="euclidean", steps=20), None)
+    b = run_task(tiny_teacher(rule="euclidean", steps=20), None)
+    c = run_task(tiny_teacher(rule="euclidean", steps=20, seed=1), None)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a.rows) == strip(b.rows)
+    assert strip(a.rows) != strip(c.rows)
+    t1, t2 = make_teacher(8, 4, 0, F64), make_teacher(8, 4, 0, F64)
+    assert torch.equal(t1.target, t2.target)
+
+
+def test_mnist_task_runs_on_synthetic_data_and_beats_chance():
+    cfg = FixedPointConfig(
+        task="mnist",
+        dataset="synthetic",
+        train_size=1024,
+        hidden=32,
+        epochs=2,
+        batch_size=64,
+        rule="linearized",
+        lr=0.1,
+        readout_scale=3.0,
+        log_every=4,
+        diag_every=8,
+    )
+    outcome = run_task(cfg, None)
+    epochs = [r for r in outcome.rows if "test_acc" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert outcome.summary["best_test_acc"] > 0.3  # 10 classes: chance is 0.1
+    assert any("acc" in r and "max_re_eig_GW" in r for r in outcome.rows)
+    again = run_task(cfg, None)
+    assert [r["test_acc"] for r in again.rows if "test_acc" in r] == [r["test_acc"] for r in epochs]
+
+
+def test_sweep_records_divergence_as_a_result(tmp_path):
+    # Euclidean descent at a huge lr jumps far away and stalls (r ≈ 0, loss flat): a result.
+    # The linearized rule at a huge lr blows up: also a result, "diverged at step k".
+    result = run_sweep(
+        tiny_teacher(steps=30),
+        ["euclidean", "linearized"],
+        [0.3, 1e5],
+        tmp_path / "sweep",
+        log=None,
+    )
+    by_key = {(o.config.rule, o.config.lr): o for o in result.outcomes}
+    huge = by_key[("linearized", 1e5)]
+    assert huge.diverged and huge.diverged_at is not None and huge.final_loss == math.inf
+    assert "rule linearized, lr 100000" in huge.diverged
+    assert math.isfinite(by_key[("euclidean", 1e5)].final_loss)
+    assert "diverged at step" in result.table
+    for name in ("sweep.json", "sweep.md", "sweep.png"):
+        assert (tmp_path / "sweep" / name).stat().st_size > 0
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert {s["rule"] for s in summary} == {"euclidean", "linearized"}
+    reloaded = load_sweep(tmp_path / "sweep")  # a sweep can be re-plotted from its files
+    assert [o.final_loss for o in reloaded] == [o.final_loss for o in result.outcomes]
+    assert [o.rows for o in reloaded] == [o.rows for o in result.outcomes]
+    # Running the same sweep again reuses the finished runs instead of training them again.
+    again = run_sweep(
+        tiny_teacher(steps=30),
+        ["euclidean", "linearized"],
+        [0.3, 1e5],
+        tmp_path / "sweep",
+        log=None,
+    )
+    assert [o.seconds for o in again.outcomes] == [o.seconds for o in result.outcomes]
+    assert again.table == result.table
+
+
+def test_landscape_has_its_poles_where_predicted(tmp_path):
+    cfg = FixedPointConfig(
+        task="landscape", hidden=16, samples=8, lines=2, line_points=101, grid=9, span=4.0
+    )
+    result = run_landscape(cfg, tmp_path / "land")
+    assert result.min_loss < 1e-20  # W* is an exact minimiser
+    assert (tmp_path / "land" / "landscape.png").stat().st_size > 0
+    data = make_teacher(16, 8, 0, F64)
+    W_star = minimiser(data)
+    D = torch.randn(16, 16, generator=torch.Generator().manual_seed(5), dtype=F64)
+    poles = line_poles(W_star, D, 10.0)
+    assert poles
+    p = poles[0]
+    near = losses_at(torch.stack([W_star + (p + e) * D for e in (1e-7, 0.3)]), data)
+    assert near[0] > 1e6 * near[1]  # the loss blows up at the predicted pole
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = _Parser(prog="decorrelate")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    fp_cli.add_parser(sub)
+    return parser.parse_args(["fixedpoint", *argv])
+
+
+TINY = ["--hidden", "12", "--samples", "6", "--steps", "15", "--threads", "1", "--quiet"]
+
+
+def test_cli_single_run_writes_metrics(tmp_path, capsys):
+    out = tmp_path / "one"
+    assert fp_cli.run(parse("--rule", "reparam", "--lr", "1", *TINY, "--out", str(out))) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 16))
+    assert "done:" in capsys.readouterr().out
+
+
+def test_cli_sweep_and_divergence(tmp_path, capsys):
+    args = parse("--rule", "all", "--lr", "0.1,1e6", *TINY, "--out", str(tmp_path / "sw"))
+    assert fp_cli.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "| reparam |" in printed and "diverged at step" in printed
+    assert Path(tmp_path / "sw" / "sweep.png").exists()
+    single = parse("--rule", "linearized", "--lr", "1e6", *TINY, "--out", str(tmp_path / "d"))
+    with pytest.raises(TrainingDiverged, match="rule linearized, lr 1e"):
+        fp_cli.run(single)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr", "abc"], "--lr takes numbers"),
+        (["--lr", "-1"], "positive"),
+        (["--rule", "bp"], "does not train a fixed-point network"),
+        (["--rule", "reparam", "--task", "mnist"], "needs a linear network"),
+        (["--steps", "0"], "steps must be a positive integer"),
+        (["--rule", "reparam,euclidean", "--optimizer", "adam"], "plain SGD"),
+        (["--rule", "reparam", "--momentum", "0.9"], "only plain SGD"),
+        (["--task", "landscape", "--activation", "tanh"], "landscape"),
+    ],
+)
+def test_cli_user_mistakes_are_one_line_user_errors(argv, message, tmp_path):
+    with pytest.raises(UserError, match=message) as err:
+        fp_cli.run(parse(*argv, "--out", str(tmp_path / "x"), "--quiet"))
+    assert "\n" not in str(err.value)
