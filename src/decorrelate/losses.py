@@ -15,6 +15,15 @@ from .errors import UserError
 LOSSES = ("cross-entropy", "mse", "mse-shifted")
 
 
+def reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    """Per-sample losses → their mean (``"mean"``), sum (``"sum"``) or themselves (``"none"``)."""
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample.mean()
+
+
 class Loss:
     """A loss ``L(output, y)`` on logits/outputs [B, K] and class indices [B]."""
 
@@ -32,14 +41,8 @@ class Loss:
         if self.name == "cross-entropy":
             return F.cross_entropy(output, y, reduction=reduction)
         # Sum over outputs, mean over the batch: the per-sample loss is 0.5·‖f(x) − t‖².
-        per_sample = 0.5 * (output - self.target(y, output.shape[-1]).to(output.dtype)).pow(2).sum(
-            -1
-        )
-        if reduction == "none":
-            return per_sample
-        if reduction == "sum":
-            return per_sample.sum()
-        return per_sample.mean()
+        target = self.target(y, output.shape[-1]).to(output.dtype)
+        return reduce(0.5 * (output - target).pow(2).sum(-1), reduction)
 
     def __repr__(self) -> str:
         return f"Loss({self.name!r})"

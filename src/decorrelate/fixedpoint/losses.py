@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import UserError
+from ..losses import reduce
 
 
 class TargetLoss:
@@ -25,12 +26,7 @@ class TargetLoss:
             raise UserError(
                 f"target shape {list(target.shape)} does not match output {list(output.shape)}"
             )
-        per_sample = 0.5 * (output - target).square().sum(-1)
-        if reduction == "none":
-            return per_sample
-        if reduction == "sum":
-            return per_sample.sum()
-        return per_sample.mean()
+        return reduce(0.5 * (output - target).square().sum(-1), reduction)
 
     def __repr__(self) -> str:
         return "TargetLoss()"
