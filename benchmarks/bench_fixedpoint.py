@@ -169,7 +169,7 @@ def bench_mnist_skip(runs: Path, data_dir: str | None) -> None:
     base = FixedPointConfig(
         task="mnist", epochs=3, data_dir=data_dir, solver=SolverConfig(on_nonconvergence="skip")
     )
-    sweep = run_sweep(base, ["euclidean"], (1.0, 3.0), runs / "mnist-skip")
+    sweep = run_sweep(base, ["euclidean"], (0.3, 1.0, 3.0), runs / "mnist-skip")
     rows = []
     for o in sweep.outcomes:
         epochs = [r for r in o.rows if "test_acc" in r and r["epoch"] > 0]
