@@ -13,6 +13,8 @@ and every optimizer. Five lines on your own model::
 """
 
 from . import fixedpoint as fixedpoint  # registers the fixed-point rules
+from . import metrics as metrics
+from . import nn as nn
 from .config import TrainConfig, make_config
 from .errors import DataError, TrainingDiverged, UserError
 from .losses import Loss
