@@ -33,6 +33,7 @@ from decorrelate.fixedpoint import (
 from decorrelate.fixedpoint import cli as fp_cli
 from decorrelate.fixedpoint.config import FixedPointConfig
 from decorrelate.fixedpoint.landscape import line_poles, losses_at, minimiser, run_landscape
+from decorrelate.fixedpoint.loop import StepLoop
 from decorrelate.fixedpoint.rules import loss_and_delta
 from decorrelate.fixedpoint.sweep import load_sweep, run_sweep
 from decorrelate.fixedpoint.tasks import evaluate_fixed_points, make_teacher, run_task
@@ -283,6 +284,21 @@ def test_nonconvergence_raises_a_clear_error():
     with pytest.raises(TrainingDiverged):  # the rules never use the point
         rule.backward(model, *batch())
     assert model.W.grad is None
+
+
+def test_loop_counts_every_unsettled_sample_under_skip():
+    solver = SolverConfig(tol=1e-12, max_iter=2000, on_nonconvergence="skip")
+    model = make_net("tanh", hidden=6, solver=solver)
+    rule = get_rule("linearized")
+    rule.attach(model, Loss("cross-entropy"))
+    loop = StepLoop(model, rule, torch.optim.SGD([model.W], lr=0.1), log_every=2, diag_every=2)
+    x, y = batch()
+    x[0] = math.nan
+    for _ in range(3):
+        loop.step(x, y)
+    assert loop.unsettled == 3  # one per step, logged or not
+    assert [row["nonconverged"] for row in loop.rows] == [1, 1]  # steps 1 and 2
+    assert all(row["acc"] <= 0.75 for row in loop.rows)  # the unsettled sample counts as wrong
 
 
 def test_skip_policy_still_raises_when_every_sample_fails():

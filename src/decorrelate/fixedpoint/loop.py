@@ -69,6 +69,7 @@ class StepLoop:
         self.metrics_path = metrics_path
         self.rows: list[dict[str, Any]] = []
         self.steps = 0
+        self.unsettled = 0  # samples left out of updates because they did not settle (skip)
         self.seconds = 0.0  # training time, diagnostics excluded
         self._unflushed = 0
 
@@ -86,6 +87,7 @@ class StepLoop:
             raise StepDiverged(f"step {k}: {err}", k) from None
         if not bool(torch.isfinite(out.loss)):
             self._stop(f"training loss became {float(out.loss)}", k)
+        self.unsettled += int((~self.settled()).sum())
         elapsed = time.perf_counter() - start
         row = None
         if k % self.log_every == 0 or k == 1:

@@ -152,7 +152,7 @@ def _finish(
         "max_re_eig_W_final": eigs[-1] if eigs else None,
         "max_re_eig_W_max": max(eigs) if eigs else None,
         "max_residual": max((r.get("residual", 0.0) for r in step_rows), default=None),
-        "nonconverged_total": sum(r.get("nonconverged", 0) for r in step_rows),
+        "nonconverged_total": loop.unsettled,  # over every training step, not just logged ones
         "steps": loop.steps,
         "seconds": loop.seconds,
         **extra,
