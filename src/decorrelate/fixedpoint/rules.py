@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..losses import Loss
 from ..rules.base import LearningRule, StepOutput, register_rule
+from ..rules.layers import accumulate_grad
 from .gradients import (
     euclidean_gradient,
     linearized_g_update,
@@ -66,15 +67,6 @@ def loss_and_delta(model: RateRNN, r: Tensor, y: Tensor, loss: Any) -> tuple[Ten
         value = loss(model.read(r), y)
         (delta,) = torch.autograd.grad(value, r)
     return value.detach(), delta
-
-
-def _accumulate(param: nn.Parameter, direction: Tensor) -> None:
-    """Add ``direction`` to ``param.grad`` (autograd's accumulation semantics)."""
-    direction = direction.to(param.dtype)
-    if param.grad is None:
-        param.grad = direction.clone()
-    else:
-        param.grad.add_(direction)
 
 
 class FixedPointRule(LearningRule):
@@ -118,7 +110,7 @@ class FixedPointRule(LearningRule):
             used, y_used = fp.select(fp.usable), y[fp.usable]
         loss, delta = loss_and_delta(model, used.r, y_used, self.loss)
         with torch.no_grad():
-            _accumulate(model.W, self.direction(model, used, delta))
+            accumulate_grad(model.W, self.direction(model, used, delta))
             output = model.read(fp.r)
         self.last_state = StepState(fp, used, y_used, delta)
         return StepOutput(loss, output)

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from .base import LearningRule, StepOutput, register_rule
 from .feedback import FeedbackAlignment
-from .layers import inner_layer, trainable_layers
+from .layers import accumulate_grad, inner_layer, trainable_layers
 
 # ----------------------------------------------------------------------------- recording
 
@@ -137,13 +137,6 @@ def _effective_weight_grad(
     a = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
     d = torch.cat([t.reshape(-1, t.shape[-1]) for t in deltas])
     return d.T @ a, d.sum(0)
-
-
-def _accumulate(param: Tensor | None, grad: Tensor) -> None:
-    if param is None:
-        return
-    grad = grad.to(param.dtype).reshape(param.shape)
-    param.grad = grad if param.grad is None else param.grad + grad
 
 
 def check_align_model(model: nn.Module, points: list[tuple[str, nn.Module]]) -> None:
@@ -276,8 +269,8 @@ class _TwinAlign(LearningRule):
         output, loss, error = self.output_error(model, x, y)
         try:
             for layer, gw, gb in self.layer_updates(self.twin_deltas(x, error)):
-                _accumulate(layer.weight, gw)
-                _accumulate(layer.bias, gb)
+                accumulate_grad(layer.weight, gw)
+                accumulate_grad(layer.bias, gb)
         finally:
             for recorder in (self._real, self._twin):
                 if recorder is not None:

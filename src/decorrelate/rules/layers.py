@@ -68,3 +68,14 @@ def inner_layer(module: nn.Module) -> nn.Module:
 def fold_r(module: nn.Module, matrix: Tensor) -> Tensor:
     """``matrix`` times R for a decorrelated layer (the error then goes back through Rᵀ)."""
     return module.fold(matrix) if hasattr(module, "fold") else matrix
+
+
+def accumulate_grad(param: Tensor | None, grad: Tensor) -> None:
+    """Add a hand-computed update into ``param.grad`` (rules that write ``.grad`` themselves).
+
+    Skips missing and frozen parameters; casts and reshapes to the parameter.
+    """
+    if param is None or not param.requires_grad:
+        return
+    grad = grad.to(param.dtype).reshape(param.shape)
+    param.grad = grad if param.grad is None else param.grad + grad

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .base import LearningRule, StepOutput, register_rule
-from .layers import inner_layer, trainable_layers
+from .layers import accumulate_grad, inner_layer, trainable_layers
 
 NOISES = ("gaussian", "bernoulli", "centred-bernoulli")
 
@@ -299,16 +299,9 @@ def write_grads(module: nn.Module, e: Tensor, x_in: Tensor, batch: int) -> None:
         else:
             grad_w = e2.T @ x2
         grad_b = e2.sum(0)
-    _accumulate(layer.weight, grad_w)
+    accumulate_grad(layer.weight, grad_w)
     if layer.bias is not None:
-        _accumulate(layer.bias, grad_b)
-
-
-def _accumulate(param: nn.Parameter, grad: Tensor) -> None:
-    if not param.requires_grad:
-        return
-    grad = grad.to(param.dtype)
-    param.grad = grad if param.grad is None else param.grad + grad
+        accumulate_grad(layer.bias, grad_b)
 
 
 register_rule("np")(NodePerturbation)
