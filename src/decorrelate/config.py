@@ -64,10 +64,8 @@ def expand_shorthands(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _decor_methods() -> tuple[str, ...]:
-    try:
-        from .nn import METHODS
-    except ImportError:  # decorrelation not built yet
-        return ("none",)
+    from .nn import METHODS
+
     return ("none", *METHODS)
 
 

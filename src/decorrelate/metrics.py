@@ -17,6 +17,8 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor, nn
 
+from .nn import capturing
+
 
 def angle(a: Tensor, b: Tensor) -> float:
     """Angle in degrees between two tensors seen as flat vectors (nan if either is zero)."""
@@ -55,12 +57,7 @@ def update_angles(model: nn.Module, rule: object, x: Tensor, y: Tensor) -> dict[
     saved = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
     with ExitStack() as stack:
         stack.enter_context(rule.suspended())
-        try:
-            from .nn import capturing
-
-            stack.enter_context(capturing(model, False))
-        except ImportError:
-            pass
+        stack.enter_context(capturing(model, False))
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             rule.loss(model(x), y).backward()

@@ -27,6 +27,7 @@ from .errors import TrainingDiverged, UserError
 from .losses import Loss
 from .metrics import update_angles
 from .models import build_model
+from .nn import decorrelators, local_stats, local_update
 from .rules import LearningRule, rule_class
 from .seeding import derive_seed, make_generator
 
@@ -152,10 +153,6 @@ def evaluate(model: nn.Module, data: Dataset, loss: Loss, batch_size: int) -> tu
 
 def _decor_hooks(model: nn.Module) -> tuple[Callable[[], None] | None, Callable[[], dict]]:
     """The model's local-update and stats functions, if it contains decorrelators."""
-    try:
-        from .nn import decorrelators, local_stats, local_update
-    except ImportError:
-        return None, dict
     if not decorrelators(model):
         return None, dict
     return (lambda: local_update(model)), (lambda: local_stats(model))

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..nn import capturing
 from .base import LearningRule, StepOutput, register_rule
 from .feedback import FeedbackAlignment
 from .layers import accumulate_grad, inner_layer, trainable_layers
@@ -196,7 +197,7 @@ class _TwinAlign(LearningRule):
     def output_error(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Forward the real network (no graph): its output, the mean loss and e = ∂L/∂output."""
         real = self._real.recording() if self._real is not None else _nothing()
-        with real, torch.no_grad(), _capturing(model, True):
+        with real, torch.no_grad(), capturing(model, True):
             output = model(x)
         out = output.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -208,7 +209,7 @@ class _TwinAlign(LearningRule):
         """δ_{l,0} at every call of every layer: ``error`` back-propagated through the twin."""
         twin, recorder = self.twin, self._twin
         twin.train(self.model.training)
-        with recorder.recording(), torch.enable_grad(), _capturing(twin, False):
+        with recorder.recording(), torch.enable_grad(), capturing(twin, False):
             out0 = twin(x)
         if out0.shape != error.shape:
             raise UserError(
@@ -302,18 +303,6 @@ class _TwinAlign(LearningRule):
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-@contextmanager
-def _capturing(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Decorrelators store subsamples of the real forward (no graph there) but never the twin's."""
-    try:
-        from ..nn import capturing
-    except ImportError:
-        yield
-        return
-    with capturing(model, enabled):
-        yield
 
 
 def make_twin(model: nn.Module) -> nn.Module:

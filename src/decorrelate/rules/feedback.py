@@ -35,8 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..nn import Decorrelator
 from .base import LearningRule, StepOutput, register_rule
-from .layers import decorrelator_type, fold_r, inner_layer, trainable_layers
+from .layers import fold_r, inner_layer, trainable_layers
 
 FEEDBACK_INITS = ("uniform", "gaussian", "sign-symmetric", "weight")
 """How B is drawn. ``uniform``: U(−s, s) with s = scale/√fan_in, like PyTorch's default forward
@@ -288,8 +289,7 @@ def _is_unknown_nonlinearity(module: nn.Module) -> bool:
         nn.GroupNorm,
         *ELEMENTWISE,
     )
-    decor = decorrelator_type()
-    if decor is not None and isinstance(module, decor):
+    if isinstance(module, Decorrelator):
         return False
     return not isinstance(module, known) and not list(module.children())
 

@@ -10,18 +10,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..nn import Decorrelator
 
 #: Parameterised modules allowed between the layers (their own, local gradients are used).
 ALLOWED_PARAMETRISED = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-
-
-def decorrelator_type() -> type[nn.Module] | None:
-    """The decorrelated-layer base class, if :mod:`decorrelate.nn` is available."""
-    try:
-        from ..nn import Decorrelator
-    except ImportError:
-        return None
-    return Decorrelator
 
 
 def trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -31,13 +23,12 @@ def trainable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     inside a wrapper is not listed separately). Other modules with parameters are refused unless
     they are normalisation layers, whose local gradients are kept as in BP.
     """
-    decor = decorrelator_type()
     points: list[tuple[str, nn.Module]] = []
     inside: set[int] = set()
     for name, module in model.named_modules():
         if id(module) in inside:
             continue
-        if decor is not None and isinstance(module, decor):
+        if isinstance(module, Decorrelator):
             points.append((name, module))
             inside.update(id(m) for m in module.modules())
         elif type(module) in (nn.Linear, nn.Conv2d):
