@@ -227,3 +227,17 @@ def test_feedback_survives_checkpoint_and_resume(tiny, tmp_path, rule):
     if rule == "fa":
         assert any(k.startswith("wb_angle/") for k in rows[1])
     assert evaluate_checkpoint(tmp_path / "split")["acc"] == resumed.final_test_acc
+
+
+def test_fa_handles_string_padding():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding="same"), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6 * 6, 3)
+    ).double()
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    expected = bp_grads(model, x, y)
+    rule = get_rule("fa", feedback_init="weight")
+    rule.attach(model, Loss())
+    got = rule_grads(rule, model, x, y)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])

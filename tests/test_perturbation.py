@@ -207,3 +207,17 @@ def test_decorrelators_learn_from_the_clean_rows_only():
     assert all(
         not torch.equal(b, m.R) for b, (_, m) in zip(before, dnn.decorrelators(model), strict=True)
     )
+
+
+def test_conv_with_string_padding():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding="same"), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6 * 6, 3)
+    ).double()
+    x, y = torch.randn(8, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    bp = bp_grads(model, x, y)
+    rule = get_rule("inp", sigma=1e-4, samples=2000)
+    rule.attach(model, Loss(), torch.Generator().manual_seed(0))
+    got = rule_grads(rule, model, x, y)
+    for g, b in zip(got, bp, strict=True):
+        assert cosine(g, b) > 0.9

@@ -54,7 +54,7 @@ from ..errors import UserError
 from ..nn import capturing
 from .base import LearningRule, StepOutput, register_rule
 from .feedback import FeedbackAlignment
-from .layers import accumulate_grad, inner_layer, trainable_layers
+from .layers import accumulate_grad, conv_padding, inner_layer, trainable_layers
 
 # ----------------------------------------------------------------------------- recording
 
@@ -104,28 +104,12 @@ class _Recorder:
         self._handles = []
 
 
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    """Numeric padding of a zero-padded convolution (``'same'`` resolved for odd kernels)."""
-    if conv.padding_mode != "zeros":
-        raise UserError(
-            f"align rules need zero-padded convolutions, got padding_mode={conv.padding_mode!r}"
-        )
-    if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        if any(t % 2 for t in total):
-            raise UserError("align rules need symmetric 'same' padding (odd kernels)")
-        return (total[0] // 2, total[1] // 2)
-    return tuple(conv.padding)
-
-
 def _effective_weight_grad(
     layer: nn.Module, inputs: list[Tensor], deltas: list[Tensor]
 ) -> tuple[Tensor, Tensor]:
     """Σ over calls of δ aᵀ (w.r.t. the weight the layer applies to ``inputs``) and of δ."""
     if isinstance(layer, nn.Conv2d):
-        padding = _conv_padding(layer)
+        padding = conv_padding(layer)
         shape = (layer.out_channels, inputs[0].shape[1], *layer.kernel_size)
         gw = sum(
             torch.nn.grad.conv2d_weight(

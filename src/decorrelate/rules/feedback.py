@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..nn import Decorrelator
 from .base import LearningRule, StepOutput, register_rule
-from .layers import fold_r, inner_layer, trainable_layers
+from .layers import conv_padding, fold_r, inner_layer, trainable_layers
 
 FEEDBACK_INITS = ("uniform", "gaussian", "sign-symmetric", "weight")
 """How B is drawn. ``uniform``: U(−s, s) with s = scale/√fan_in, like PyTorch's default forward
@@ -239,7 +239,7 @@ class FeedbackAlignment(_FeedbackRule):
                     b.to(delta.dtype),
                     delta,
                     stride=layer.stride,
-                    padding=layer.padding,
+                    padding=conv_padding(layer),
                     dilation=layer.dilation,
                     groups=layer.groups,
                 )

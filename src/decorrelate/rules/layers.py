@@ -70,3 +70,23 @@ def accumulate_grad(param: Tensor | None, grad: Tensor) -> None:
         return
     grad = grad.to(param.dtype).reshape(param.shape)
     param.grad = grad if param.grad is None else param.grad + grad
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """Numeric padding of a zero-padded convolution (``'same'``/``'valid'`` resolved).
+
+    ``torch.nn.grad.conv2d_weight``/``conv2d_input`` take numbers only; rules that form conv
+    gradients themselves (FA, NP, Align) resolve the layer's padding here.
+    """
+    if conv.padding_mode != "zeros":
+        raise UserError(
+            f"this rule needs zero-padded convolutions, got padding_mode={conv.padding_mode!r}"
+        )
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            raise UserError("this rule needs symmetric 'same' padding (odd kernels)")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .base import LearningRule, StepOutput, register_rule
-from .layers import accumulate_grad, inner_layer, trainable_layers
+from .layers import accumulate_grad, conv_padding, inner_layer, trainable_layers
 
 NOISES = ("gaussian", "bernoulli", "centred-bernoulli")
 
@@ -282,7 +282,7 @@ def write_grads(module: nn.Module, e: Tensor, x_in: Tensor, batch: int) -> None:
             layer.weight.shape,
             e,
             stride=layer.stride,
-            padding=layer.padding,
+            padding=conv_padding(layer),
             dilation=layer.dilation,
             groups=layer.groups,
         )
