@@ -28,3 +28,39 @@ def test_speedup_relative_to_the_first_group():
     lines = speedup_lines(groups)
     assert "0.33x the epochs, 0.50x the wall-clock" in lines[0]
     assert lines[1].startswith("fa did not reach bp's best test accuracy (90.00 %)")
+
+
+def test_parallel_runs_match_sequential_ones_and_divergence_can_be_kept_going(tiny, tmp_path):
+    import pytest
+
+    from decorrelate import make_config
+    from decorrelate.compare import run_plan
+    from decorrelate.errors import TrainingDiverged
+
+    def plan(root):
+        ok = make_config({**tiny, "epochs": 1, "out": str(root / "ok")})
+        bad = ok.replace(optimizer="sgd", lr=1e30, momentum=0.0, out=str(root / "bad"))
+        return [("ok", ok), ("ok+scaled", ok.replace(decor="scaled", out=str(root / "d"))),
+                ("bad", bad)]
+
+    seq = run_plan(plan(tmp_path / "seq"), jobs=1, log=None, progress=False, keep_going=True)
+    par = run_plan(plan(tmp_path / "par"), jobs=2, log=None, keep_going=True)
+    assert seq[2] is None and par[2] is None  # the diverged run, reported not raised
+    for a, b in zip(seq[:2], par[:2], strict=True):  # worker processes train bit-identically
+        assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+        assert [r["test_acc"] for r in a] == [r["test_acc"] for r in b]
+    with pytest.raises(TrainingDiverged):
+        run_plan(plan(tmp_path / "raise")[2:], jobs=1, log=None, progress=False)
+
+
+def test_angle_plot_only_when_angles_were_logged(tmp_path):
+    from decorrelate.plotting import angle_keys, plot_angles
+
+    with_angles = {
+        "fa": [[{"epoch": 0}, {"epoch": 1, "angle/0": 40.0, "angle/2": 70.0}]],
+        "bp": [hist([0.1, 0.5])],
+    }
+    assert angle_keys(with_angles) == ["angle/0", "angle/2"]
+    (path,) = plot_angles(with_angles, tmp_path)
+    assert path.name == "angles_vs_epoch.png" and path.stat().st_size > 1000
+    assert plot_angles({"bp": [hist([0.1, 0.5])]}, tmp_path / "none") == []

@@ -221,3 +221,35 @@ def test_conv_with_string_padding():
     got = rule_grads(rule, model, x, y)
     for g, b in zip(got, bp, strict=True):
         assert cosine(g, b) > 0.9
+
+
+@pytest.mark.parametrize("name", ["np", "inp"])
+@pytest.mark.parametrize("noise", ["gaussian", "centred-bernoulli"])
+def test_replayed_noise_is_the_noise_that_was_added(name, noise):
+    # Built-in sources are replayed from the saved generator state instead of being kept; a
+    # user sampler drawing the same values is kept. Both must give the same update, and the
+    # generator must end where it would without the replay (the next step's noise is the same).
+    source = perturbation.SOURCES[noise]
+    model, (x, y) = tiny_mlp(), data()
+    grads, after = [], []
+    for sampler in (noise, lambda *a: source(*a)):
+        rule = get_rule(name, samples=3, noise=sampler)
+        gen = torch.Generator().manual_seed(5)
+        rule.attach(model, Loss(), gen)
+        grads.append(rule_grads(rule, model, x, y))
+        after.append(torch.rand(3, generator=gen))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    assert torch.equal(after[0], after[1])
+
+
+def test_first_layer_input_is_shared_not_repeated():
+    # Copies part ways only where noise first goes in: the first layer sees the batch once.
+    model, (x, y) = tiny_mlp(), data()
+    rows = []
+    model[0].register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    model[2].register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    for name, inaccessible in (("np", False), ("anp", True)):
+        rule = get_rule(name, samples=2, inaccessible=inaccessible)
+        rule.attach(model, Loss(), torch.Generator().manual_seed(0))
+        rule.backward(model, x, y)
+    assert rows == [32, 3 * 32, 32, 4 * 32]

@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare",
         help="run a grid of rules x decorrelation x seeds and summarise it",
-        description="Run a grid (rules x decorrelation methods x seeds x sweeps) sequentially; "
-        "write results.md/results.json and PNG plots of test accuracy vs epoch and vs seconds. "
+        description="Run a grid (rules x decorrelation methods x seeds x sweeps), one run at a "
+        "time or --jobs at a time; write results.md/results.json and PNG plots of test accuracy "
+        "vs epoch and vs seconds. "
         "Finished runs found in OUT are reused, interrupted ones resumed.",
     )
     p.add_argument("--rules", default="bp", help="comma-separated rules (default: bp)")
@@ -106,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=V1,V2",
         help="also sweep a config option (repeatable), e.g. --sweep lr=1e-3,1e-4",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained in parallel worker processes, each with cpu_count/JOBS threads "
+        "unless --threads is given (default: 1)",
     )
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of base options")
     p.add_argument("--quiet", action="store_true", help="print only the results table")
@@ -214,6 +222,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         out=out,
         log=None if args.quiet else print,
         progress=False if args.no_progress else None,
+        jobs=args.jobs,
     )
     print(summary.table)
     for path in summary.files:
@@ -223,11 +232,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .checkpoint import read_metrics
-    from .plotting import plot_curves
+    from .plotting import plot_angles, plot_curves
 
     runs = {Path(r).name or str(r): [read_metrics(r)] for r in args.runs}
     prefix = Path(args.out) if args.out else Path(args.runs[0]) / "plot"
-    for path in plot_curves(runs, prefix):
+    for path in [*plot_curves(runs, prefix), *plot_angles(runs, prefix)]:
         print(f"wrote {path}")
     return 0
 
@@ -258,6 +267,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         out=Path(args.out),
         data_dir=args.data_dir,
         progress=False if args.no_progress else None,
+        jobs=args.jobs,
     )
     print(summary.table)
     for path in summary.files:

@@ -1,27 +1,32 @@
 """Run a grid of training runs (rules × decorrelation × sweeps × seeds) and summarise it.
 
-Runs go sequentially into ``OUT/<label>-s<seed>/``. A finished run found there is reused and an
-interrupted one resumed, so an interrupted comparison continues where it stopped. The summary is a
-markdown table of mean ± std over seeds (best and final test accuracy, training time, and the
-epochs and seconds each group needs to reach the first group's best accuracy) written to
-``results.md``, the same numbers in ``results.json``, and PNG plots of the curves.
+Runs go into ``OUT/<label>-s<seed>/``, one after another or ``jobs`` at a time in worker
+processes (each pinned to ``cpu_count // jobs`` threads unless ``--threads`` says otherwise). A
+finished run found there is reused and an interrupted one resumed, so an interrupted comparison
+continues where it stopped. The summary is a markdown table of mean ± std over seeds (best and
+final test accuracy, training time, and the epochs and seconds each group needs to reach the
+first group's best accuracy) written to ``results.md``, the same numbers in ``results.json``, and
+PNG plots of the curves.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
+import os
 import re
 import statistics
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .errors import UserError
-from .plotting import plot_curves
+from .errors import TrainingDiverged, UserError
+from .plotting import plot_angles, plot_curves
 from .train import RESUME_OVERRIDES, Log, resume, train
 
 
@@ -61,6 +66,68 @@ def _run_one(cfg: TrainConfig, log: Log | None, progress: bool | None) -> list[d
             return state["history"][: cfg.epochs + 1]
         return resume(out, {"epochs": cfg.epochs}, log=log, progress=progress).history
     return train(cfg, log=log, progress=progress).history
+
+
+def _run_quietly(cfg: TrainConfig, keep_going: bool) -> list[dict[str, Any]] | str:
+    """Worker-process entry point: one run, no progress bar, no per-epoch lines."""
+    try:
+        return _run_one(cfg, None, False)
+    except TrainingDiverged as exc:
+        if not keep_going:
+            raise
+        return str(exc)
+
+
+def run_plan(
+    plan: Sequence[tuple[str, TrainConfig]],
+    *,
+    jobs: int = 1,
+    log: Log | None = print,
+    progress: bool | None = None,
+    keep_going: bool = False,
+) -> list[list[dict[str, Any]] | None]:
+    """Histories of the planned ``(label, config)`` runs, in plan order.
+
+    Each run is trained, resumed or reused in its ``config.out``. ``jobs > 1`` trains them in
+    that many worker processes. A run that diverges stops the plan, or with ``keep_going``
+    gets ``None`` in place of its history (a learning-rate grid expects some to diverge).
+    """
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    results: list[list[dict[str, Any]] | None] = []
+
+    def record(i: int, label: str, cfg: TrainConfig, outcome: list[dict[str, Any]] | str) -> None:
+        if isinstance(outcome, str):
+            if log:
+                log(f"[{i}/{len(plan)}] {label} seed {cfg.seed} diverged: {outcome}")
+            results.append(None)
+            return
+        if log and jobs > 1:
+            acc = max(r["test_acc"] for r in outcome)
+            log(f"[{i}/{len(plan)}] {label} seed {cfg.seed}: best test acc {acc:.4f}")
+        results.append(outcome)
+
+    if jobs <= 1:
+        for i, (label, cfg) in enumerate(plan, start=1):
+            if log:
+                log(f"[{i}/{len(plan)}] {label} seed {cfg.seed} -> {cfg.out}")
+            try:
+                outcome: list[dict[str, Any]] | str = _run_one(cfg, log, progress)
+            except TrainingDiverged as exc:
+                if not keep_going:
+                    raise
+                outcome = str(exc)
+            record(i, label, cfg, outcome)
+        return results
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    plan = [(label, cfg if cfg.threads else cfg.replace(threads=threads)) for label, cfg in plan]
+    # spawn, not fork: torch's thread pools do not survive a fork safely.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_run_quietly, cfg, keep_going) for _, cfg in plan]
+        for i, ((label, cfg), future) in enumerate(zip(plan, futures, strict=True), start=1):
+            record(i, label, cfg, future.result())
+        return results
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -165,8 +232,9 @@ def run_grid(
     out: Path,
     log: Log | None = print,
     progress: bool | None = None,
+    jobs: int = 1,
 ) -> GridSummary:
-    """Run every combination sequentially and write the summary files into ``out``."""
+    """Run every combination (``jobs`` at a time) and write the summary files into ``out``."""
     sweeps = sweeps or {}
     if not rules or not decors or not seeds:
         raise UserError("compare needs at least one rule, one decorrelation method and one seed")
@@ -183,22 +251,35 @@ def run_grid(
             plan.append((label, cfg))
     out = ckpt.prepare_out_dir(out)
     histories: dict[str, list[list[dict[str, Any]]]] = {}
-    for i, (label, cfg) in enumerate(plan, start=1):
-        if log:
-            log(f"[{i}/{len(plan)}] {label} seed {cfg.seed} -> {cfg.out}")
-        histories.setdefault(label, []).append(_run_one(cfg, log, progress))
-    # The first group (e.g. plain bp) is the reference the others are timed against.
+    results = run_plan(plan, jobs=jobs, log=log, progress=progress)
+    for (label, _), history in zip(plan, results, strict=True):
+        assert history is not None  # keep_going=False: a diverged run raised
+        histories.setdefault(label, []).append(history)
+    return write_summary(histories, out, base_config=base.to_dict())
+
+
+def write_summary(
+    histories: dict[str, list[list[dict[str, Any]]]],
+    out: Path,
+    *,
+    base_config: dict[str, Any] | None = None,
+) -> GridSummary:
+    """Summarise histories by group label into ``out``: results.md, results.json and plots.
+
+    The first group (e.g. plain bp) is the reference the others are timed against.
+    """
     target = reference_target(next(iter(histories.values())))
     groups = [summarise(label, hs, target) for label, hs in histories.items()]
     table = "\n".join([markdown_table(groups), "", *speedup_lines(groups)]).rstrip()
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(
         json.dumps(
-            {"base_config": base.to_dict(), "groups": groups, "histories": histories}, indent=1
+            {"base_config": base_config, "groups": groups, "histories": histories}, indent=1
         )
         + "\n"
     )
     files = [out / "results.md", out / "results.json", *plot_curves(histories, out)]
+    files += plot_angles(histories, out)  # only when runs logged --alignment-every angles
     return GridSummary(groups, table, files, histories)
 
 

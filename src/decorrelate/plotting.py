@@ -79,3 +79,57 @@ def plot_curves(
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def angle_keys(groups: Mapping[str, Sequence[History]]) -> list[str]:
+    """Every ``angle/<layer>`` key logged by any run, in first-seen order."""
+    keys: dict[str, None] = {}
+    for histories in groups.values():
+        for history in histories:
+            for row in history:
+                keys.update((k, None) for k in row if k.startswith("angle/"))
+    return list(keys)
+
+
+def plot_angles(
+    groups: Mapping[str, Sequence[History]], directory: str | Path, prefix: str = ""
+) -> list[Path]:
+    """``{prefix}angles_vs_epoch.png``: per layer, the epoch-mean angle (degrees) between each
+    group's weight update and the BP gradient (``--alignment-every``), mean ± std over seeds.
+    Groups that logged no angles are left out; nothing is written if none did."""
+    keys = angle_keys(groups)
+    if not keys:
+        return []
+    plt = _pyplot()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cols = min(len(keys), 3)
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=110, squeeze=False, sharey=True
+    )
+    for ax, key in zip(axes.flat, keys, strict=False):
+        for group, histories in groups.items():
+            histories = [[r for r in h if key in r] for h in histories]
+            histories = [h for h in histories if h]
+            if not histories:
+                continue
+            x, _ = mean_curve(histories, "epoch")
+            mean, std = mean_curve(histories, key)
+            ax.plot(x, mean, marker="o", markersize=3, label=group)
+            if len(histories) > 1:
+                ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.set_title(key.removeprefix("angle/"), fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(keys):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("angle to BP gradient (°)")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = directory / f"{prefix}angles_vs_epoch.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]

@@ -30,7 +30,7 @@ in the paper. Their R learns from the clean rows only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -107,13 +107,22 @@ class _Injector:
     """Adds σ·noise to chosen copies of a layer's output during the batched forward.
 
     ``plan[layer_index]`` lists the copies whose rows get noise at that layer. When ``keep`` is
-    false (inaccessible noise) the values are added and forgotten.
+    false (inaccessible noise) the values are added and forgotten. Otherwise the rule reads them
+    back with :meth:`noise`: the built-in sources are replayed from the generator state saved
+    before the draw (a few bytes instead of a [K, B, ...] tensor per layer, which would make
+    node perturbation hold more memory than backprop's saved activations); user samplers and
+    recorded traces, which may not be replayable, are kept.
     """
 
     def __init__(self, sampler: Sampler, sigma: float, generator: torch.Generator | None) -> None:
         self.sampler, self.sigma, self.generator = sampler, sigma, generator
         self.keep = True
+        self.replay = generator is not None and sampler in SOURCES.values()
         self.kept: dict[int, Tensor] = {}
+        self.draws: dict[int, tuple[Tensor, tuple[int, ...], torch.device, torch.dtype]] = {}
+
+    def _draw(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        return self.sigma * self.sampler(shape, self.generator, device, dtype)
 
     def add(self, index: int, out: Tensor, copies: list[int], batch: int) -> Tensor:
         if not copies:
@@ -121,11 +130,27 @@ class _Injector:
         out = out.contiguous()  # a no-op for layer outputs; guarantees `view` aliases `out`
         view = out.view(-1, batch, *out.shape[1:])
         shape = (len(copies), batch, *out.shape[1:])
-        eps = self.sigma * self.sampler(shape, self.generator, out.device, out.dtype)
+        if self.keep and self.replay:
+            assert self.generator is not None
+            self.draws[index] = (self.generator.get_state(), shape, out.device, out.dtype)
+        eps = self._draw(shape, out.device, out.dtype)
         view[copies] += eps
-        if self.keep:
+        if self.keep and not self.replay:
             self.kept[index] = eps
         return out
+
+    def noise(self, index: int) -> Tensor:
+        """The σ·noise added at layer ``index`` (released: each layer's is read once)."""
+        if index in self.kept:
+            return self.kept.pop(index)
+        state, shape, device, dtype = self.draws.pop(index)
+        assert self.generator is not None
+        now = self.generator.get_state()
+        self.generator.set_state(state)
+        try:
+            return self._draw(shape, device, dtype)
+        finally:
+            self.generator.set_state(now)
 
 
 class NodePerturbation(LearningRule):
@@ -193,27 +218,37 @@ class NodePerturbation(LearningRule):
         noisy: list[list[int]],
         injector: _Injector,
         record_inputs: list[int],
-        record_outputs: bool,
     ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
-        """Run all copies at once. Returns per-copy losses [copies, B], the output rows of copy 0
-        (or of the first recorded copy), the recorded layer inputs [len(record_inputs), B, ...]
-        and, if asked, the layer outputs of every copy [copies, B, ...]."""
+        """Run all copies at once. Returns per-copy losses [copies, B], the output rows of copy 0,
+        the recorded layer inputs ([len(record_inputs), B, ...], or [1, B, ...] where every copy
+        still shares it) and what :meth:`activity_delta` keeps of every layer's outputs.
+
+        Copies only differ from the first noise injection on, so the batch enters the model
+        once (B rows) and is expanded into the ``copies`` row blocks at the first trained
+        layer's output, where the noise first goes in. That saves the first layer's repeated
+        work and memory, and its input is the batch itself (recorded without a copy).
+        """
         batch = x.shape[0]
         inputs: list[Tensor] = []
-        outputs: list[Tensor] = []
+        deltas: list[Tensor] = []
         handles = []
 
         def make_hooks(index: int, module: nn.Module) -> None:
             def pre(mod: nn.Module, args: tuple) -> None:
-                rows = args[0].reshape(copies, batch, *args[0].shape[1:])
-                inputs.append(rows[record_inputs])
+                inp = args[0]
+                rows = inp.reshape(inp.shape[0] // batch, batch, *inp.shape[1:])
+                # still shared by every copy: keep it as one block, or the chosen copies' rows
+                inputs.append(rows if rows.shape[0] == 1 else rows[record_inputs])
                 if _is_decorrelator(mod):
                     mod.observe(rows[0])  # R learns from the clean (or first) pass only
 
             def post(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
+                if out.shape[0] == batch and copies > 1:  # where the copies part ways
+                    out = out.repeat(copies, *([1] * (out.dim() - 1)))
                 out = injector.add(index, out, noisy[index], batch)
-                if record_outputs:
-                    outputs.append(out.reshape(copies, batch, *out.shape[1:]))
+                delta = self.activity_delta(out.reshape(copies, batch, *out.shape[1:]))
+                if delta is not None:
+                    deltas.append(delta)
                 return out
 
             handles.append(module.register_forward_pre_hook(pre))
@@ -223,40 +258,48 @@ class NodePerturbation(LearningRule):
             make_hooks(i, module)
         try:
             with torch.no_grad():
-                big_x = x.repeat(copies, *([1] * (x.dim() - 1)))
-                out = model(big_x)
+                out = model(x)
                 losses = self.loss(out, y.repeat(copies), reduction="none").reshape(copies, batch)
         finally:
             for h in handles:
                 h.remove()
-        return losses, out.reshape(copies, batch, *out.shape[1:]), inputs, outputs
+        return losses, out.reshape(copies, batch, *out.shape[1:]), inputs, deltas
+
+    def activity_delta(self, outputs: Tensor) -> Tensor | None:
+        """What the rule keeps of a layer's outputs [copies, B, ...] (nothing: NP reads noise)."""
+        return None
 
     # -------------------------------------------------------------- the rule
-    def errors(self, losses: Tensor, injector: _Injector, outputs: list[Tensor]) -> list[Tensor]:
-        """Per-sample error of every layer, averaged over the K resamples: [B, *layer output]."""
+    def errors(
+        self, losses: Tensor, injector: _Injector, deltas: list[Tensor]
+    ) -> Iterator[Tensor]:
+        """Per-sample error of every layer in turn, averaged over the K resamples: [B, ...].
+
+        A generator that releases each layer's noise once its error is formed, so that only
+        one layer's error exists at a time."""
         delta = losses[1:] - losses[0]  # [K, B]
-        out = []
         for i in range(len(self.layers)):
-            eps = injector.kept[i]  # [K, B, ...]
+            eps = injector.noise(i)  # [K, B, ...], ours to overwrite
             scale = (delta / self.sigma**2).reshape(*delta.shape, *[1] * (eps.dim() - 2))
-            out.append((scale * eps).mean(0))
-        return out
+            yield _mean_over_samples(eps.mul_(scale))
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         copies, noisy = self.plan()
         injector = _Injector(self.sampler, self.sigma, self.generator)
         injector.keep = not self.inaccessible
         record = [0] if not self.inaccessible else list(range(0, copies, 2))
-        losses, out, inputs, outputs = self._forward(
-            model, x, y, copies, noisy, injector, record, record_outputs=self.needs_outputs
-        )
-        errors = self.errors(losses, injector, outputs)
+        losses, out, inputs, deltas = self._forward(model, x, y, copies, noisy, injector, record)
         batch = x.shape[0]
-        for (_, module), e, x_in in zip(self.layers, errors, inputs, strict=True):
-            write_grads(module, e, x_in, batch)
+        errors = self.errors(losses, injector, deltas)
+        for i, ((_, module), e) in enumerate(zip(self.layers, errors, strict=True)):
+            write_grads(module, e, inputs[i], batch)
+            inputs[i] = None  # type: ignore[call-overload]  # free it before the next layer
         return StepOutput(losses[0].mean(), out[0])
 
-    needs_outputs = False
+
+def _mean_over_samples(e: Tensor) -> Tensor:
+    """Mean over the K resamples of [K, B, ...]; a view, not a copy, when K = 1."""
+    return e[0] if e.shape[0] == 1 else e.mean(0)
 
 
 def _is_decorrelator(module: nn.Module) -> bool:
@@ -267,12 +310,15 @@ def _is_decorrelator(module: nn.Module) -> bool:
 def write_grads(module: nn.Module, e: Tensor, x_in: Tensor, batch: int) -> None:
     """``W.grad = ⟨e xᵀ⟩`` (conv: with the input patches) and ``b.grad = ⟨e⟩`` for one layer.
 
-    ``e`` is [B, ...] (one error per sample) or [P, B, ...] with ``x_in`` [P, B, ...] (one per
-    pass, inaccessible mode); either way the result is the mean over samples (and passes).
+    ``e`` is [B, ...] (one error per sample) or [P, B, ...] (one per pass, inaccessible mode)
+    with ``x_in`` [P, B, ...] or [1, B, ...] (an input every pass shares); either way the result
+    is the mean over samples (and passes).
     """
     layer = inner_layer(module)
-    if e.dim() == x_in.dim() - 1:  # shared clean input: x_in is [1, B, ...]
+    if e.dim() == x_in.dim() - 1:  # one error per sample: x_in is [1, B, ...]
         e = e.unsqueeze(0)
+    elif x_in.shape[0] == 1 < e.shape[0]:  # one shared input for P passes: average e first
+        e = e.mean(0, keepdim=True)
     passes = x_in.shape[0]
     e = e.reshape(passes * batch, *e.shape[2:]) / (passes * batch)
     x_flat = x_in.reshape(passes * batch, *x_in.shape[2:])
@@ -315,17 +361,17 @@ class IterativeNP(NodePerturbation):
         k, n = self.samples, len(self.layers)
         return 1 + n * k, [list(range(1 + i * k, 1 + (i + 1) * k)) for i in range(n)]
 
-    def errors(self, losses: Tensor, injector: _Injector, outputs: list[Tensor]) -> list[Tensor]:
+    def errors(
+        self, losses: Tensor, injector: _Injector, deltas: list[Tensor]
+    ) -> Iterator[Tensor]:
         k = self.samples
-        out = []
         for i in range(len(self.layers)):
-            eps = injector.kept[i]  # [K, B, ...]
+            eps = injector.noise(i)  # [K, B, ...]
             delta = losses[1 + i * k : 1 + (i + 1) * k] - losses[0]  # [K, B]
             flat = eps.reshape(*eps.shape[:2], -1)
             units = flat.shape[-1]
             scale = units * delta / flat.pow(2).sum(-1)
-            out.append((scale.reshape(*delta.shape, *[1] * (eps.dim() - 2)) * eps).mean(0))
-        return out
+            yield _mean_over_samples(eps.mul_(scale.reshape(*delta.shape, *[1] * (eps.dim() - 2))))
 
 
 @register_rule("anp")
@@ -336,7 +382,6 @@ class ActivityNP(NodePerturbation):
     """
 
     inaccessible_ok = True
-    needs_outputs = True
 
     def plan(self) -> tuple[int, list[list[int]]]:
         k = self.samples
@@ -344,18 +389,22 @@ class ActivityNP(NodePerturbation):
             return 2 * k, [list(range(2 * k)) for _ in self.layers]
         return 1 + k, [list(range(1, 1 + k)) for _ in self.layers]
 
-    def errors(self, losses: Tensor, injector: _Injector, outputs: list[Tensor]) -> list[Tensor]:
+    def activity_delta(self, outputs: Tensor) -> Tensor:
+        """The measured change δa of a layer's outputs [copies, B, ...]: noisy − clean, or the
+        difference within each pair of noisy passes (inaccessible noise). Only δa is kept, not
+        the outputs themselves."""
         if self.inaccessible:
-            delta_l = losses[0::2] - losses[1::2]  # [K, B]
-            delta_a = [o[0::2] - o[1::2] for o in outputs]  # [K, B, ...]
-        else:
-            delta_l = losses[1:] - losses[0]
-            delta_a = [o[1:] - o[:1] for o in outputs]
-        sq = sum(d.reshape(*d.shape[:2], -1).pow(2).sum(-1) for d in delta_a)  # [K, B]
-        units = sum(d[0, 0].numel() for d in delta_a)
+            return outputs[0::2] - outputs[1::2]  # [K, B, ...]
+        return outputs[1:] - outputs[:1]
+
+    def errors(
+        self, losses: Tensor, injector: _Injector, deltas: list[Tensor]
+    ) -> Iterator[Tensor]:
+        delta_l = losses[0::2] - losses[1::2] if self.inaccessible else losses[1:] - losses[0]
+        sq = sum(d.reshape(*d.shape[:2], -1).pow(2).sum(-1) for d in deltas)  # [K, B]
+        units = sum(d[0, 0].numel() for d in deltas)
         scale = units * delta_l / sq
-        errors = []
-        for d in delta_a:
-            e = scale.reshape(*scale.shape, *[1] * (d.dim() - 2)) * d  # [K, B, ...]
-            errors.append(e if self.inaccessible else e.mean(0))
-        return errors
+        for i in range(len(deltas)):
+            d, deltas[i] = deltas[i], None  # type: ignore[call-overload]
+            e = d.mul_(scale.reshape(*scale.shape, *[1] * (d.dim() - 2)))  # [K, B, ...]
+            yield e if self.inaccessible else _mean_over_samples(e)
