@@ -23,14 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench_groups import run_spec
 from decorrelate import make_config
-from decorrelate.compare import _dir_name, run_label, run_plan, write_summary
+from decorrelate.compare import _dir_name, run_label, run_plan
 from decorrelate.config import TrainConfig
 
 #: η values tried per method (see decorrelate.nn.methods.DEFAULT_LR for the defaults' reasons).
@@ -64,7 +64,11 @@ def grid_plan(
             for eta in etas[method]:
                 label = _label("bp", method, lr, eta)
                 cfg = base.replace(
-                    decor=method, lr=lr, decor_lr=eta, val_split=0.1, seed=0,
+                    decor=method,
+                    lr=lr,
+                    decor_lr=eta,
+                    val_split=0.1,
+                    seed=0,
                     out=str(work / "grid" / _dir_name(label, 0)),
                 )
                 plan.append((label, cfg, {"method": method, "lr": lr, "decor_lr": eta}))
@@ -110,8 +114,13 @@ def main() -> None:
     parser.add_argument("--methods", default="none,scaled,dbp,copi,zca")
     parser.add_argument("--rules", default="bp", help="rules of the final phase")
     parser.add_argument("--lrs", default="1e-4,3e-4,1e-3")
-    parser.add_argument("--etas", action="append", default=[], metavar="METHOD=V1,V2",
-                        help="override a method's η grid")
+    parser.add_argument(
+        "--etas",
+        action="append",
+        default=[],
+        metavar="METHOD=V1,V2",
+        help="override a method's η grid",
+    )
     parser.add_argument("--grid-dataset", default="mnist")
     parser.add_argument("--grid-epochs", type=int, default=3)
     parser.add_argument("--datasets", default="mnist,fashion-mnist")
@@ -120,8 +129,11 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--selection", default=None,
-                        help="grid.json of an earlier run: skip the grid, use its selection")
+    parser.add_argument(
+        "--selection",
+        default=None,
+        help="grid.json of an earlier run: skip the grid, use its selection",
+    )
     parser.add_argument("--work-dir", default="runs/bench_decor_accuracy")
     parser.add_argument("--out", default="benchmarks/results/decor_accuracy_mlp")
     args = parser.parse_args()
@@ -134,8 +146,11 @@ def main() -> None:
         key, _, values = item.partition("=")
         etas[key] = _floats(values)
     common = dict(
-        model=args.model, batch_size=args.batch_size, optimizer="adam",
-        train_size=args.train_size, activation="leaky-relu",
+        model=args.model,
+        batch_size=args.batch_size,
+        optimizer="adam",
+        train_size=args.train_size,
+        activation="leaky-relu",
     )
     if args.widths:
         common["widths"] = [int(w) for w in args.widths.split(",")]
@@ -145,60 +160,48 @@ def main() -> None:
     else:
         base = make_config(common, {"dataset": args.grid_dataset, "epochs": args.grid_epochs})
         plan = grid_plan(base, methods, _floats(args.lrs), etas, work)
-        histories = run_plan([(label, cfg) for label, cfg, _ in plan], jobs=args.jobs,
-                             keep_going=True)
+        histories = run_plan(
+            [(label, cfg) for label, cfg, _ in plan], jobs=args.jobs, keep_going=True
+        )
         best, rows = select(plan, histories)
         selection = {m: {"lr": r["lr"], "decor_lr": r["decor_lr"]} for m, r in best.items()}
-        (out / "grid.json").write_text(json.dumps({
-            "dataset": args.grid_dataset, "epochs": args.grid_epochs, "config": common,
-            "rows": rows, "selected": selection,
-            "machine": {"torch": torch.__version__, "python": platform.python_version(),
-                        "jobs": args.jobs},
-        }, indent=1) + "\n")
+        (out / "grid.json").write_text(
+            json.dumps(
+                {
+                    "dataset": args.grid_dataset,
+                    "epochs": args.grid_epochs,
+                    "config": common,
+                    "rows": rows,
+                    "selected": selection,
+                    "machine": {
+                        "torch": torch.__version__,
+                        "python": platform.python_version(),
+                        "jobs": args.jobs,
+                    },
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         (out / "grid.md").write_text(grid_table(rows, best) + "\n")
         print(grid_table(rows, best))
 
-    seeds = [int(s) for s in args.seeds.split(",")]
-    rules = args.rules.split(",")
-    for dataset in args.datasets.split(","):
-        base = make_config(common, {"dataset": dataset, "epochs": args.epochs})
-        plan = []
-        for rule in rules:
-            for method in methods:
-                if method not in selection:
-                    print(f"{method}: every grid run diverged; left out of the final phase")
-                    continue
-                chosen = selection[method]
-                label = _label(rule, method, chosen["lr"], chosen["decor_lr"])
-                for seed in seeds:
-                    cfg = base.replace(rule=rule, decor=method, lr=chosen["lr"],
-                                       decor_lr=chosen["decor_lr"], seed=seed,
-                                       out=str(work / dataset / _dir_name(label, seed)))
-                    plan.append((label, cfg))
-        histories = run_plan(plan, jobs=args.jobs, keep_going=True)
-        grouped: dict[str, list] = {}
-        failed: dict[str, int] = {}
-        for (label, _), history in zip(plan, histories, strict=True):
-            if history is None:
-                failed[label] = failed.get(label, 0) + 1
-            else:
-                grouped.setdefault(label, []).append(history)
-        target = out / dataset
-        target.mkdir(parents=True, exist_ok=True)
-        summary = write_summary(grouped, target, base_config=base.to_dict())
-        extra = [f"{label}: {n} of {len(seeds)} seeds diverged" for label, n in failed.items()]
-        if extra:
-            with open(target / "results.md", "a") as fh:
-                fh.write("\n" + "\n".join(extra) + "\n")
-        print(f"\n## {dataset}\n{summary.table}")
-        for line in extra:
-            print(line)
-        medians = {
-            label: statistics.median(
-                r["epoch_seconds"] for h in hs for r in h[1:]
-            ) for label, hs in grouped.items()
-        }
-        (target / "epoch_seconds.json").write_text(json.dumps(medians, indent=1) + "\n")
+    groups = {}
+    for rule in args.rules.split(","):
+        for method in methods:
+            if method not in selection:
+                print(f"{method}: every grid run diverged; left out of the final phase")
+                continue
+            chosen = selection[method]
+            label = _label(rule, method, chosen["lr"], chosen["decor_lr"])
+            groups[label] = {"rule": rule, "decor": method, **chosen}
+    spec = {
+        "base": {**common, "epochs": args.epochs},
+        "datasets": args.datasets.split(","),
+        "seeds": [int(s) for s in args.seeds.split(",")],
+        "groups": groups,
+    }
+    run_spec(spec, work, out, jobs=args.jobs)
 
 
 if __name__ == "__main__":

@@ -77,8 +77,13 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.child))))
         return
 
-    base = {"dataset": args.dataset, "model": args.model, "batch_size": args.batch_size,
-            "widths": [int(w) for w in args.widths.split(",")], "device": args.device}
+    base = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "widths": [int(w) for w in args.widths.split(",")],
+        "device": args.device,
+    }
     base.update(dict(item.split("=", 1) for item in args.set))
     rows = []
     for rule, decor in itertools.product(args.rules.split(","), args.decors.split(",")):
@@ -87,25 +92,45 @@ def main() -> None:
         for _ in range(args.repeats):
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", json.dumps(options)],
-                env={**os.environ, **MMAP_ENV}, capture_output=True, text=True, check=True,
+                env={**os.environ, **MMAP_ENV},
+                capture_output=True,
+                text=True,
+                check=True,
             )
             peaks.append(json.loads(proc.stdout.strip().splitlines()[-1])["peak_extra_bytes"])
-        rows.append({"rule": rule, "decor": decor, "peak_extra_mib": sorted(peaks)[len(peaks) // 2]
-                     / 2**20, "all_mib": [p / 2**20 for p in peaks]})
+        rows.append(
+            {
+                "rule": rule,
+                "decor": decor,
+                "peak_extra_mib": sorted(peaks)[len(peaks) // 2] / 2**20,
+                "all_mib": [p / 2**20 for p in peaks],
+            }
+        )
     ref = rows[0]["peak_extra_mib"]
     print(f"| rule | decor | peak extra memory of one step (MiB) | ÷ {rows[0]['rule']} |")
     print("|---|---|---:|---:|")
     for row in rows:
         row["ratio_to_reference"] = row["peak_extra_mib"] / ref
-        print(f"| {row['rule']} | {row['decor']} | {row['peak_extra_mib']:.1f} | "
-              f"{row['ratio_to_reference']:.2f} |")
+        print(
+            f"| {row['rule']} | {row['decor']} | {row['peak_extra_mib']:.1f} | "
+            f"{row['ratio_to_reference']:.2f} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "peak_step_memory", **{k: v for k, v in base.items()},
-        "repeats": args.repeats, "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(), "rows": rows,
-    }, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "peak_step_memory",
+                **{k: v for k, v in base.items()},
+                "repeats": args.repeats,
+                "torch": torch.__version__,
+                "machine": platform.processor() or platform.machine(),
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

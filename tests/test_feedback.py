@@ -197,6 +197,18 @@ def test_update_angles_against_bp():
     assert angles["angle/1.weight"] > 5.0  # random feedback: not BP's direction
 
 
+def test_update_angles_name_decorrelated_layers_like_plain_ones():
+    dnn = pytest.importorskip("decorrelate.nn")
+    model = dnn.decorrelate(mlp(), "scaled")
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    fa = get_rule("fa", feedback_init="weight")  # B = W: FA is BP, through R too
+    fa.attach(model, Loss())
+    fa.backward(model, x, y)
+    angles = update_angles(model, fa, x, y)
+    assert set(angles) == {"angle/1.weight", "angle/3.weight", "angle/5.weight"}
+    assert all(v == pytest.approx(0.0, abs=1e-4) for v in angles.values())
+
+
 def test_unsupported_layers_are_refused():
     with pytest.raises(UserError, match="Conv1d"):
         get_rule("fa").attach(nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten()), Loss())

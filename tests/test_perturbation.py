@@ -253,3 +253,33 @@ def test_first_layer_input_is_shared_not_repeated():
         rule.attach(model, Loss(), torch.Generator().manual_seed(0))
         rule.backward(model, x, y)
     assert rows == [32, 3 * 32, 32, 4 * 32]
+
+
+def test_noise_from_the_command_line_trace_file_and_import_path(tiny, tmp_path, monkeypatch):
+    import numpy as np
+
+    from decorrelate import resume
+
+    trace = torch.linspace(-1, 1, 101)
+    torch.save(trace, tmp_path / "noise.pt")
+    np.save(tmp_path / "noise.npy", trace.numpy())
+    for name in ("noise.pt", "noise.npy"):
+        sampler = perturbation.noise_source(str(tmp_path / name))
+        assert isinstance(sampler, RecordedNoise) and torch.equal(sampler.trace.float(), trace)
+    module = tmp_path / "my_noise.py"
+    module.write_text(
+        "import torch\ndef uniform(shape, g, device, dtype):\n"
+        "    return torch.rand(shape, generator=g, device=device, dtype=dtype) - 0.5\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert perturbation.noise_source("my_noise:uniform").__name__ == "uniform"
+    for bad, message in [("missing.pt", "not found"), ("my_noise:nope", "cannot import"),
+                         ("pink", "unknown noise")]:
+        with pytest.raises(UserError, match=message):
+            make_config({"rule": "np", "np_noise": bad})
+    # a run driven by a trace resumes exactly: the replay position is part of the rule state
+    opts = {**tiny, "rule": "anp", "np_noise": str(tmp_path / "noise.pt"), "np_sigma": 0.05}
+    straight = train({**opts, "out": str(tmp_path / "a")}, log=None)
+    train({**opts, "epochs": 1, "out": str(tmp_path / "b")}, log=None)
+    resumed = resume(tmp_path / "b", {"epochs": 2}, log=None)
+    assert resumed.history[-1]["train_loss"] == straight.history[-1]["train_loss"]

@@ -208,8 +208,10 @@ def speedup_lines(groups: list[dict[str, Any]]) -> list[str]:
     lines = []
     for g in groups[1:]:
         if g["epochs_to_target"] is None:
-            lines.append(f"{g['label']} did not reach {ref['label']}'s best test accuracy "
-                         f"({ref['target_acc'] * 100:.2f} %) in {g['epochs']} epochs")
+            lines.append(
+                f"{g['label']} did not reach {ref['label']}'s best test accuracy "
+                f"({ref['target_acc'] * 100:.2f} %) in {g['epochs']} epochs"
+            )
             continue
         e = g["epochs_to_target"] / max(ref["epochs_to_target"], 1)
         t = g["seconds_to_target"] / max(ref["seconds_to_target"], 1e-9)
@@ -273,9 +275,7 @@ def write_summary(
     table = "\n".join([markdown_table(groups), "", *speedup_lines(groups)]).rstrip()
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(
-        json.dumps(
-            {"base_config": base_config, "groups": groups, "histories": histories}, indent=1
-        )
+        json.dumps({"base_config": base_config, "groups": groups, "histories": histories}, indent=1)
         + "\n"
     )
     files = [out / "results.md", out / "results.json", *plot_curves(histories, out)]

@@ -75,10 +75,14 @@ def _feedback_inits() -> tuple[str, ...]:
     return FEEDBACK_INITS
 
 
-def _noises() -> tuple[str, ...]:
-    from .rules.perturbation import NOISES
+def _check_noise(value: Any) -> str | None:
+    from .rules.perturbation import NOISES, resolve_noise_spec
 
-    return NOISES
+    try:
+        resolve_noise_spec(value)
+    except UserError as exc:
+        return f"{exc}; or one of: {', '.join(NOISES)}"
+    return None
 
 
 def _losses() -> tuple[str, ...]:
@@ -276,7 +280,13 @@ class TrainConfig:
         group="rule",
     )
     np_noise: str = opt(
-        "gaussian", "np/inp/anp: noise source", "str", choices=_noises, group="rule"
+        "gaussian",
+        "np/inp/anp: noise source: gaussian, bernoulli, centred-bernoulli, a recorded trace "
+        "(FILE.pt/.npy/.txt, replayed in order, scaled by sigma) or a sampler "
+        "module:function(shape, generator, device, dtype)",
+        "str",
+        check=_check_noise,
+        group="rule",
     )
     np_inaccessible: bool = opt(
         False,

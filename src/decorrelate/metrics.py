@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn import capturing
+from .nn.decorrelation import Decorrelator
 
 
 def angle(a: Tensor, b: Tensor) -> float:
@@ -42,8 +43,26 @@ def weight_feedback_alignment(pairs: dict[str, tuple[Tensor, Tensor]]) -> dict[s
 
 
 def weight_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The trainable weight matrices/kernels of ``model`` (parameters with ≥ 2 dimensions)."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    """The trainable weight matrices/kernels of ``model`` (parameters with ≥ 2 dimensions).
+
+    The weight of a layer inside a decorrelated wrapper is named after the wrapper
+    (``1.weight``, not ``1.layer.weight``), so that the angles of a model and of its decorrelated
+    version carry the same names and can be compared and plotted together.
+    """
+    wrapped = {
+        id(m.layer.weight): f"{n}.weight" for n, m in model.named_modules() if _is_wrapper(m)
+    }
+    return [
+        (wrapped.get(id(p), n), p)
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.ndim >= 2
+    ]
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    return isinstance(module, Decorrelator) and isinstance(
+        getattr(module, "layer", None), nn.Module
+    )
 
 
 def update_angles(model: nn.Module, rule: object, x: Tensor, y: Tensor) -> dict[str, float]:
@@ -54,20 +73,20 @@ def update_angles(model: nn.Module, rule: object, x: Tensor, y: Tensor) -> dict[
     gradients back, so training is unaffected. Keys: ``angle/<parameter name>``.
     """
     params = weight_parameters(model)
-    saved = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    saved = {id(p): None if p.grad is None else p.grad.clone() for p in model.parameters()}
     with ExitStack() as stack:
         stack.enter_context(rule.suspended())
         stack.enter_context(capturing(model, False))
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             rule.loss(model(x), y).backward()
-        bp = {n: None if p.grad is None else p.grad.clone() for n, p in params}
-    for n, p in model.named_parameters():
-        p.grad = saved[n]
+        bp = {id(p): None if p.grad is None else p.grad.clone() for _, p in params}
+    for p in model.parameters():
+        p.grad = saved[id(p)]
     return {
-        f"angle/{n}": angle(saved[n], bp[n])
-        for n, _ in params
-        if saved[n] is not None and bp[n] is not None
+        f"angle/{n}": angle(saved[id(p)], bp[id(p)])
+        for n, p in params
+        if saved[id(p)] is not None and bp[id(p)] is not None
     }
 
 

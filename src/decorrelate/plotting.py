@@ -105,8 +105,10 @@ def plot_angles(
     directory.mkdir(parents=True, exist_ok=True)
     cols = min(len(keys), 3)
     rows = -(-len(keys) // cols)
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=110, squeeze=False, sharey=True
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), dpi=110, squeeze=False)
+    top = max(
+        (r[k] for hs in groups.values() for h in hs for r in h for k in keys if k in r),
+        default=90.0,
     )
     for ax, key in zip(axes.flat, keys, strict=False):
         for group, histories in groups.items():
@@ -122,12 +124,18 @@ def plot_angles(
         ax.set_title(key.removeprefix("angle/"), fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max(90.0, top * 1.05))
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(keys):]:
+    for ax in axes.flat[len(keys) :]:
         ax.axis("off")
     axes[0][0].set_ylabel("angle to BP gradient (°)")
-    axes.flat[0].legend(fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    for ax in axes.flat[1 : len(keys)]:  # groups missing from the first panel still get listed
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    axes.flat[0].legend(handles, labels, fontsize=7)
     fig.tight_layout()
     path = directory / f"{prefix}angles_vs_epoch.png"
     fig.savefig(path)

@@ -30,7 +30,9 @@ in the paper. Their R learns from the clean rows only.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,14 +92,68 @@ SOURCES: dict[str, Sampler] = {
 }
 
 
-def noise_source(noise: str | Sampler) -> Sampler:
-    """A sampler by name (:data:`NOISES`), or a user callable ``(shape, gen, device, dtype)``."""
-    if callable(noise):
-        return noise
+TRACE_SUFFIXES = (".pt", ".npy", ".txt", ".csv")
+
+
+def load_trace(path: Path) -> Tensor:
+    """The values of a recorded noise trace file (.pt: a tensor; .npy; .txt/.csv: numbers)."""
     try:
-        return SOURCES[noise]
-    except KeyError:
-        raise UserError(f"unknown noise {noise!r}; choose one of: {', '.join(NOISES)}") from None
+        if path.suffix == ".pt":
+            trace = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            import numpy as np
+
+            array = (
+                np.load(path)
+                if path.suffix == ".npy"
+                else np.loadtxt(path, delimiter=None if path.suffix == ".txt" else ",")
+            )
+            trace = torch.from_numpy(np.asarray(array, dtype=np.float64))
+    except Exception as exc:  # any unreadable file is the user's to fix
+        raise UserError(f"cannot read the noise trace {path}: {exc}") from None
+    if not isinstance(trace, Tensor):
+        raise UserError(f"the noise trace {path} must hold one tensor, got {type(trace).__name__}")
+    return trace
+
+
+def resolve_noise_spec(spec: str | Sampler, load: bool = False) -> Sampler | None:
+    """Check (and with ``load``, build) a noise source given by name, file or import path.
+
+    ``spec`` is a name from :data:`NOISES`, a recorded trace file (:data:`TRACE_SUFFIXES`,
+    replayed by :class:`RecordedNoise`), ``module:function`` naming a sampler
+    ``(shape, generator, device, dtype) -> Tensor``, or already a callable.
+    """
+    if callable(spec):
+        return spec
+    if spec in SOURCES:
+        return SOURCES[spec]
+    path = Path(spec)
+    if path.suffix in TRACE_SUFFIXES:
+        if not path.is_file():
+            raise UserError(f"noise trace file {spec} not found")
+        return RecordedNoise(load_trace(path)) if load else None
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            sampler = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UserError(f"cannot import the noise sampler {spec}: {exc}") from None
+        if not callable(sampler):
+            raise UserError(f"the noise sampler {spec} is not callable")
+        return sampler
+    raise UserError(f"unknown noise {spec!r}")
+
+
+def noise_source(noise: str | Sampler) -> Sampler:
+    """A sampler by name (:data:`NOISES`), trace file, ``module:function``, or a callable."""
+    try:
+        sampler = resolve_noise_spec(noise, load=True)
+    except UserError as exc:
+        if isinstance(noise, str) and str(exc).startswith("unknown noise"):
+            raise UserError(f"{exc}; choose one of: {', '.join(NOISES)}") from None
+        raise
+    assert sampler is not None
+    return sampler
 
 
 # ----------------------------------------------------------------------------- the forward pass
@@ -179,6 +235,17 @@ class NodePerturbation(LearningRule):
         self.sigma, self.samples, self.inaccessible = float(sigma), int(samples), inaccessible
         self.sampler = noise_source(noise)
         self.layers: list[tuple[str, nn.Module]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if isinstance(self.sampler, RecordedNoise):  # where the replay of the trace stands
+            state["trace_position"] = self.sampler.position
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if isinstance(self.sampler, RecordedNoise) and "trace_position" in state:
+            self.sampler.position = int(state["trace_position"])
 
     @classmethod
     def from_config(cls, config: Any) -> NodePerturbation:
@@ -270,9 +337,7 @@ class NodePerturbation(LearningRule):
         return None
 
     # -------------------------------------------------------------- the rule
-    def errors(
-        self, losses: Tensor, injector: _Injector, deltas: list[Tensor]
-    ) -> Iterator[Tensor]:
+    def errors(self, losses: Tensor, injector: _Injector, deltas: list[Tensor]) -> Iterator[Tensor]:
         """Per-sample error of every layer in turn, averaged over the K resamples: [B, ...].
 
         A generator that releases each layer's noise once its error is formed, so that only
@@ -361,9 +426,7 @@ class IterativeNP(NodePerturbation):
         k, n = self.samples, len(self.layers)
         return 1 + n * k, [list(range(1 + i * k, 1 + (i + 1) * k)) for i in range(n)]
 
-    def errors(
-        self, losses: Tensor, injector: _Injector, deltas: list[Tensor]
-    ) -> Iterator[Tensor]:
+    def errors(self, losses: Tensor, injector: _Injector, deltas: list[Tensor]) -> Iterator[Tensor]:
         k = self.samples
         for i in range(len(self.layers)):
             eps = injector.noise(i)  # [K, B, ...]
@@ -397,9 +460,7 @@ class ActivityNP(NodePerturbation):
             return outputs[0::2] - outputs[1::2]  # [K, B, ...]
         return outputs[1:] - outputs[:1]
 
-    def errors(
-        self, losses: Tensor, injector: _Injector, deltas: list[Tensor]
-    ) -> Iterator[Tensor]:
+    def errors(self, losses: Tensor, injector: _Injector, deltas: list[Tensor]) -> Iterator[Tensor]:
         delta_l = losses[0::2] - losses[1::2] if self.inaccessible else losses[1:] - losses[0]
         sq = sum(d.reshape(*d.shape[:2], -1).pow(2).sum(-1) for d in deltas)  # [K, B]
         units = sum(d[0, 0].numel() for d in deltas)
