@@ -273,8 +273,11 @@ def test_noise_from_the_command_line_trace_file_and_import_path(tiny, tmp_path, 
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert perturbation.noise_source("my_noise:uniform").__name__ == "uniform"
-    for bad, message in [("missing.pt", "not found"), ("my_noise:nope", "cannot import"),
-                         ("pink", "unknown noise")]:
+    for bad, message in [
+        ("missing.pt", "not found"),
+        ("my_noise:nope", "cannot import"),
+        ("pink", "unknown noise"),
+    ]:
         with pytest.raises(UserError, match=message):
             make_config({"rule": "np", "np_noise": bad})
     # a run driven by a trace resumes exactly: the replay position is part of the rule state
@@ -283,3 +286,30 @@ def test_noise_from_the_command_line_trace_file_and_import_path(tiny, tmp_path, 
     train({**opts, "epochs": 1, "out": str(tmp_path / "b")}, log=None)
     resumed = resume(tmp_path / "b", {"epochs": 2}, log=None)
     assert resumed.history[-1]["train_loss"] == straight.history[-1]["train_loss"]
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # fewer / more rows than outputs: both orders
+def test_local_weight_grad_matches_autograd_through_r(rows):
+    # ⟨e aᵀ⟩ through a decorrelated layer equals autograd's dL/dW for L = Σ e·output, for a
+    # Linear (either order of products) and a Conv2d (patches, R folded into the kernel).
+    from decorrelate.nn import decorrelate as to_decorrelated
+    from decorrelate.rules.layers import local_weight_grad
+
+    torch.manual_seed(0)
+    for layer, x in (
+        (nn.Linear(6, 8), torch.randn(rows, 6)),
+        (nn.Conv2d(2, 3, 3, padding=1), torch.randn(rows // 3 + 1, 2, 5, 5)),
+    ):
+        model = to_decorrelated(nn.Sequential(layer.double()), "scaled")
+        wrapper = model[0]
+        with torch.no_grad():
+            wrapper.R.copy_(torch.eye(wrapper.R.shape[0]) + 0.3 * torch.randn_like(wrapper.R))
+        x = x.double()
+        out = model(x)
+        e = torch.randn_like(out)
+        (out * e).sum().backward()
+        gw, gb = local_weight_grad(
+            wrapper, [x[: len(x) // 2], x[len(x) // 2 :]], [e[: len(x) // 2], e[len(x) // 2 :]]
+        )
+        torch.testing.assert_close(gw.reshape(layer.weight.shape), layer.weight.grad)
+        torch.testing.assert_close(gb, layer.bias.grad)

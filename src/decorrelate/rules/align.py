@@ -54,7 +54,7 @@ from ..errors import UserError
 from ..nn import capturing
 from .base import LearningRule, StepOutput, register_rule
 from .feedback import FeedbackAlignment
-from .layers import accumulate_grad, conv_padding, inner_layer, trainable_layers
+from .layers import accumulate_grad, inner_layer, local_weight_grad, trainable_layers
 
 # ----------------------------------------------------------------------------- recording
 
@@ -102,26 +102,6 @@ class _Recorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-def _effective_weight_grad(
-    layer: nn.Module, inputs: list[Tensor], deltas: list[Tensor]
-) -> tuple[Tensor, Tensor]:
-    """Σ over calls of δ aᵀ (w.r.t. the weight the layer applies to ``inputs``) and of δ."""
-    if isinstance(layer, nn.Conv2d):
-        padding = conv_padding(layer)
-        shape = (layer.out_channels, inputs[0].shape[1], *layer.kernel_size)
-        gw = sum(
-            torch.nn.grad.conv2d_weight(
-                a, shape, d, layer.stride, padding, layer.dilation, layer.groups
-            )
-            for a, d in zip(inputs, deltas, strict=True)
-        )
-        gb = sum(d.sum((0, 2, 3)) for d in deltas)
-        return gw, gb
-    a = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
-    d = torch.cat([t.reshape(-1, t.shape[-1]) for t in deltas])
-    return d.T @ a, d.sum(0)
 
 
 def check_align_model(model: nn.Module, points: list[tuple[str, nn.Module]]) -> None:
@@ -228,10 +208,8 @@ class _TwinAlign(LearningRule):
             if not ds:
                 continue
             layer = inner_layer(module)
-            gw, gb = _effective_weight_grad(layer, inputs, ds)
             owner = module if self.presynaptic == "current" else self.twin_points[i]
-            if hasattr(owner, "weight_grad"):  # decorrelated layer: ∂/∂W = ∂/∂(W R) · Rᵀ
-                gw = owner.weight_grad(gw)
+            gw, gb = local_weight_grad(owner, inputs, ds)  # decorrelated: through R's owner
             updates.append((layer, gw.reshape(layer.weight.shape), gb))
         return updates
 

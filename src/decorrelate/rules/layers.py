@@ -7,6 +7,9 @@ a decorrelated wrapper (a = W R x) as one layer whose effective weight is W R.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -90,3 +93,41 @@ def conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
             raise UserError("this rule needs symmetric 'same' padding (odd kernels)")
         return (total[0] // 2, total[1] // 2)
     return tuple(conv.padding)
+
+
+def local_weight_grad(
+    module: nn.Module, inputs: Sequence[Tensor], errors: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Σ over (input, error) pairs of ⟨e aᵀ⟩ for the module's weight, and Σ e for its bias.
+
+    The local update of rules that form weight gradients from a layer's input activity ``a`` and
+    a per-sample error ``e`` at its output (node perturbation, the Align rules). Sums, no means:
+    callers scale ``e``. For a Conv2d the input patches are used (``e`` is [B, C_out, H, W]); a
+    list holds one pair per call of the layer (a recurrent layer is called once per time step).
+
+    For a decorrelated wrapper, ``inputs`` are its inputs x and the result is the gradient for the
+    wrapped W through the effective weight W R: ⟨e xᵀ⟩ Rᵀ = ⟨e (R x)ᵀ⟩. A Linear takes the cheaper
+    order: decorrelate the inputs (rows·d²) when there are fewer rows than outputs, otherwise map
+    the d-wide result through Rᵀ (out·d²); the classifier, with few outputs, takes the latter.
+    """
+    layer = inner_layer(module)
+    wrapped = hasattr(module, "weight_grad")
+    if isinstance(layer, nn.Conv2d):
+        padding = conv_padding(layer)
+        gw = sum(
+            torch.nn.grad.conv2d_weight(
+                a, layer.weight.shape, e, layer.stride, padding, layer.dilation, layer.groups
+            )
+            for a, e in zip(inputs, errors, strict=True)
+        )
+        gb = sum(e.sum((0, 2, 3)) for e in errors)
+        return (module.weight_grad(gw) if wrapped else gw), gb
+    a = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
+    e = torch.cat([t.reshape(-1, t.shape[-1]) for t in errors])
+    if wrapped and e.shape[1] >= a.shape[0]:
+        gw = e.T @ (a @ module.R.to(a.dtype).T)
+    else:
+        gw = e.T @ a
+        if wrapped:
+            gw = module.weight_grad(gw)
+    return gw, e.sum(0)

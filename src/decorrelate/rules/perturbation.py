@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .base import LearningRule, StepOutput, register_rule
-from .layers import accumulate_grad, conv_padding, inner_layer, trainable_layers
+from .layers import accumulate_grad, inner_layer, local_weight_grad, trainable_layers
 
 NOISES = ("gaussian", "bernoulli", "centred-bernoulli")
 
@@ -389,29 +389,7 @@ def write_grads(module: nn.Module, e: Tensor, x_in: Tensor, batch: int) -> None:
     passes = x_in.shape[0]
     e = e.reshape(passes * batch, *e.shape[2:]) / (passes * batch)
     x_flat = x_in.reshape(passes * batch, *x_in.shape[2:])
-    if isinstance(layer, nn.Conv2d):
-        grad_eff = torch.nn.grad.conv2d_weight(
-            x_flat,
-            layer.weight.shape,
-            e,
-            stride=layer.stride,
-            padding=conv_padding(layer),
-            dilation=layer.dilation,
-            groups=layer.groups,
-        )
-        grad_b = e.sum(dim=(0, 2, 3))
-        grad_w = module.weight_grad(grad_eff) if hasattr(module, "weight_grad") else grad_eff
-    else:
-        e2, x2 = e.reshape(-1, e.shape[-1]), x_flat.reshape(-1, x_flat.shape[-1])
-        if hasattr(module, "weight_grad"):
-            # ⟨e zᵀ⟩ with z = R x: rows·d² to decorrelate the inputs instead of out·d² to map
-            # ⟨e xᵀ⟩ through Rᵀ (the classifier, out ≪ rows, takes the other order)
-            r = module.R.to(x2.dtype)
-            small_out = e2.shape[1] < x2.shape[0]
-            grad_w = module.weight_grad(e2.T @ x2) if small_out else e2.T @ (x2 @ r.T)
-        else:
-            grad_w = e2.T @ x2
-        grad_b = e2.sum(0)
+    grad_w, grad_b = local_weight_grad(module, [x_flat], [e])
     accumulate_grad(layer.weight, grad_w)
     if layer.bias is not None:
         accumulate_grad(layer.bias, grad_b)
