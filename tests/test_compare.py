@@ -64,3 +64,15 @@ def test_angle_plot_only_when_angles_were_logged(tmp_path):
     (path,) = plot_angles(with_angles, tmp_path)
     assert path.name == "angles_vs_epoch.png" and path.stat().st_size > 1000
     assert plot_angles({"bp": [hist([0.1, 0.5])]}, tmp_path / "none") == []
+
+
+def test_runs_saved_before_an_option_existed_are_still_recognised(tiny):
+    from decorrelate import make_config
+    from decorrelate.compare import _same_run
+
+    cfg = make_config(tiny)
+    saved = cfg.to_dict()
+    del saved["alignment_every"]  # as if saved by a version without this option
+    assert _same_run(saved, cfg)
+    assert not _same_run({**saved, "lr": 0.5}, cfg)
+    assert not _same_run(saved, cfg.replace(alignment_every=7))

@@ -50,9 +50,14 @@ def _dir_name(label: str, seed: int) -> str:
 
 
 def _same_run(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether a saved run's config is ``cfg`` (up to what a resume may change).
+
+    An option the saved config lacks (added to the library after the run) counts as its default.
+    """
     want = cfg.to_dict()
+    default = TrainConfig().to_dict()
     skip = set(RESUME_OVERRIDES) | {"widths", "channels"}
-    return all(saved.get(k) == v for k, v in want.items() if k not in skip)
+    return all(saved.get(k, default[k]) == v for k, v in want.items() if k not in skip)
 
 
 def _run_one(cfg: TrainConfig, log: Log | None, progress: bool | None) -> list[dict[str, Any]]:
