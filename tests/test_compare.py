@@ -1,3 +1,5 @@
+import json
+
 from decorrelate.compare import reference_target, speedup_lines, summarise, time_to_accuracy
 
 
@@ -40,8 +42,11 @@ def test_parallel_runs_match_sequential_ones_and_divergence_can_be_kept_going(ti
     def plan(root):
         ok = make_config({**tiny, "epochs": 1, "out": str(root / "ok")})
         bad = ok.replace(optimizer="sgd", lr=1e30, momentum=0.0, out=str(root / "bad"))
-        return [("ok", ok), ("ok+scaled", ok.replace(decor="scaled", out=str(root / "d"))),
-                ("bad", bad)]
+        return [
+            ("ok", ok),
+            ("ok+scaled", ok.replace(decor="scaled", out=str(root / "d"))),
+            ("bad", bad),
+        ]
 
     seq = run_plan(plan(tmp_path / "seq"), jobs=1, log=None, progress=False, keep_going=True)
     par = run_plan(plan(tmp_path / "par"), jobs=2, log=None, keep_going=True)
@@ -76,3 +81,16 @@ def test_runs_saved_before_an_option_existed_are_still_recognised(tiny):
     assert _same_run(saved, cfg)
     assert not _same_run({**saved, "lr": 0.5}, cfg)
     assert not _same_run(saved, cfg.replace(alignment_every=7))
+
+
+def test_demo_trains_both_groups_at_their_own_learning_rates(tiny, tmp_path):
+    from decorrelate.compare import DEMO_GROUPS, run_demo
+
+    small = {k: v for k, v in tiny.items() if k not in ("out", "epochs")}
+    summary = run_demo(epochs=1, out=tmp_path / "demo", progress=False, overrides=small)
+    assert [g["label"] for g in summary.groups] == list(DEMO_GROUPS)
+    for label, group in DEMO_GROUPS.items():
+        (config,) = (tmp_path / "demo").glob(f"{label.replace(' ', '_')}-s0/config.json")
+        saved = json.loads(config.read_text())
+        assert saved["lr"] == group["lr"] and saved["decor"] == group["decor"]
+    assert "bp+scaled" in summary.table and "bp lr=3e-4" in summary.table.splitlines()[-1]
