@@ -9,9 +9,14 @@ and a conv net (conv 32, conv 32, pool, conv 64, conv 64, pool, fc 1000, classif
 0.01, batch 256. The conv net is timed with 3×3 'valid' convolutions (fc input 64·4·4 = 1024) and
 with 'same' ones (fc input 64·7·7 = 3136, as in ``decorrelate.models.ConvNet``).
 
-    python benchmarks/bench_decor_overhead.py [--method scaled] [--repeats 15] [--threads N]
+    python benchmarks/bench_decor_overhead.py [--method scaled] [--repeats 15] [--threads N] \
+        [--variants exact,every=2,block_size=1024]
 
-Writes ``benchmarks/results/decor_overhead.json``.
+``--variants`` times the speed options of :class:`decorrelate.nn.DecorConfig` against the exact
+default in the same interleaved rounds: each variant is ``exact`` or ``OPTION=VALUE[+...]``
+(``every=2``, ``block_size=1024``, ``block_size=512+every=2``) passed to ``decorrelate()``, or
+``exclude=fc`` to leave the first fully connected layer out. Writes
+``benchmarks/results/decor_overhead.json``.
 """
 
 from __future__ import annotations
@@ -86,35 +91,65 @@ def time_steps(step: Callable, n: int) -> list[float]:
     return out
 
 
-def bench(name: str, method: str, batch: int, repeats: int, per_round: int) -> dict:
+def variant_options(variant: str, model: nn.Module) -> dict:
+    """``decorrelate()`` keyword arguments of a variant name (see the module docstring)."""
+    if variant == "exact":
+        return {}
+    options: dict = {}
+    for item in variant.split("+"):
+        key, _, value = item.partition("=")
+        if key == "exclude" and value == "fc":
+            first_fc = next(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+            options["exclude"] = [first_fc]
+        else:
+            options[key] = int(value)
+    return options
+
+
+def bench(
+    name: str, method: str, batch: int, repeats: int, per_round: int, variants: list[str]
+) -> list[dict]:
     torch.manual_seed(0)
     base = MODELS[name]()
-    decorrelated = decorrelate(copy.deepcopy(base), method)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 1, 28, 28, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
-    steps = {"bp": make_step(base, x, y, False), "decor": make_step(decorrelated, x, y, True)}
+    steps = {"bp": make_step(base, x, y, False)}
+    for variant in variants:
+        model = copy.deepcopy(base)
+        model = decorrelate(model, method, **variant_options(variant, model))
+        steps[variant] = make_step(model, x, y, True)
     for step in steps.values():  # warm-up (allocations, oneDNN primitive caches)
         time_steps(step, 2)
-    times: dict[str, list[float]] = {"bp": [], "decor": []}
+    times: dict[str, list[float]] = {key: [] for key in steps}
+    keys = list(steps)
     for r in range(repeats):
-        order = ["bp", "decor"] if r % 2 == 0 else ["decor", "bp"]
+        order = keys[r % len(keys) :] + keys[: r % len(keys)]  # rotate who goes first
         for key in order:
             times[key] += time_steps(steps[key], per_round)
-    bp, dec = statistics.median(times["bp"]), statistics.median(times["decor"])
-    return {
-        "model": name,
-        "method": method,
-        "batch": batch,
-        "steps_each": len(times["bp"]),
-        "bp_ms": round(1e3 * bp, 2),
-        "decor_ms": round(1e3 * dec, 2),
-        "ratio": round(dec / bp, 3),
-        "bp_ms_quartiles": [round(1e3 * q, 2) for q in statistics.quantiles(times["bp"], n=4)],
-        "decor_ms_quartiles": [
-            round(1e3 * q, 2) for q in statistics.quantiles(times["decor"], n=4)
-        ],
-    }
+    bp = statistics.median(times["bp"])
+    rows = []
+    for variant in variants:
+        dec = statistics.median(times[variant])
+        rows.append(
+            {
+                "model": name,
+                "method": method,
+                "variant": variant,
+                "batch": batch,
+                "steps_each": len(times["bp"]),
+                "bp_ms": round(1e3 * bp, 2),
+                "decor_ms": round(1e3 * dec, 2),
+                "ratio": round(dec / bp, 3),
+                "bp_ms_quartiles": [
+                    round(1e3 * q, 2) for q in statistics.quantiles(times["bp"], n=4)
+                ],
+                "decor_ms_quartiles": [
+                    round(1e3 * q, 2) for q in statistics.quantiles(times[variant], n=4)
+                ],
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -125,6 +160,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--per-round", type=int, default=2, help="steps per model per round")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--variants", default="exact", help="comma-separated, see above")
     parser.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "decor_overhead.json")
     )
@@ -132,14 +168,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
+    variants = args.variants.split(",")
     for name in args.models.split(","):
-        row = bench(name, args.method, args.batch, args.repeats, args.per_round)
-        print(
-            f"{name:14s} {args.method}: BP {row['bp_ms']:8.1f} ms  decorrelated "
-            f"{row['decor_ms']:8.1f} ms  ratio {row['ratio']:.2f}",
-            flush=True,
-        )
-        results.append(row)
+        for row in bench(name, args.method, args.batch, args.repeats, args.per_round, variants):
+            print(
+                f"{name:14s} {args.method} {row['variant']:22s}: BP {row['bp_ms']:8.1f} ms  "
+                f"decorrelated {row['decor_ms']:8.1f} ms  ratio {row['ratio']:.2f}",
+                flush=True,
+            )
+            results.append(row)
     report = {
         "benchmark": "decorrelated BP step time / BP step time",
         "torch": torch.__version__,

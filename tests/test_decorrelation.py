@@ -495,3 +495,99 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
         local_update(copy)  # same subsample choice, same statistics ⇒ same R
         for (_, a), (_, b) in zip(decorrelators(model), decorrelators(copy), strict=True):
             assert torch.equal(a.R, b.R)
+
+
+# ----------------------------------------------------------------------------- speed options
+
+
+def test_block_layout_uses_equal_blocks_that_divide_the_fan_in() -> None:
+    from decorrelate.nn.methods import block_layout
+
+    assert block_layout(3136, 512) == (7, 448)
+    assert block_layout(1000, 512) == (2, 500)
+    assert block_layout(784, 1000) == (1, 784)
+    assert block_layout(784, None) == (1, 784)
+    assert block_layout(13, 4) == (13, 1)  # prime: per-coordinate blocks
+
+
+def block_mixing(blocks: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Generator]:
+    """Correlations inside each block only (a block-diagonal mixing of factor models)."""
+    parts = [factor_mixing(size, seed + i)[0] for i in range(blocks)]
+    return torch.block_diag(*parts), torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_block_diagonal_r_equals_independent_decorrelators_per_block(method: str) -> None:
+    """With block_size, block i of R evolves exactly like a full R on the i-th input slice."""
+    from decorrelate.nn.methods import DEFAULT_LR
+
+    k, b = 3, 8
+    lr = {"copi": 0.01, "dbp": 0.02, "scaled": 0.005}.get(method, DEFAULT_LR[method])
+    extra = {"every": 2, "blend": 1.0} if method in ("zca", "newton") else {"var_floor": 0.0}
+    opts = dict(lr=lr, sample_frac=1.0, **extra)
+    blocked = decorrelate(nn.Linear(k * b, 3), method, block_size=b, **opts)
+    singles = [decorrelate(nn.Linear(b, 3), method, **opts) for _ in range(k)]
+    assert blocked.R.shape == (k, b, b)
+    mixing, gen = block_mixing(k, b)
+    for _ in range(30):
+        x = draw(mixing, 64, gen)
+        blocked(x)
+        blocked.update()
+        for i, single in enumerate(singles):
+            single(x[:, i * b : (i + 1) * b])
+            single.update()
+    for i, single in enumerate(singles):
+        if method in ("zca", "newton"):
+            # same statistics per block; the ridge is relative to the mean over all blocks
+            cov = blocked.running_cov
+            torch.testing.assert_close(cov[i], single.running_cov, rtol=1e-4, atol=1e-5)
+            reference = inv_sqrt(cov[i], ridge=1e-3 * float(cov.diagonal(0, 1, 2).mean()))
+            assert (blocked.R[i].double() - reference).norm() / reference.norm() < 1e-4
+        else:
+            torch.testing.assert_close(blocked.R[i], single.R, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(blocked.R[0], torch.eye(b))
+    # and the layer computes W·blockdiag(R)·x in both orders of products
+    dense = blocked.dense_R()
+    x = draw(mixing, 5, gen)
+    expected = x @ dense.T @ blocked.weight.T + blocked.bias
+    for fold in (True, False):
+        blocked.fold_weight = fold
+        torch.testing.assert_close(blocked(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_diagonal_conv_and_rule_helpers_match_the_dense_r() -> None:
+    gen = torch.Generator().manual_seed(3)
+    conv = decorrelate(nn.Conv2d(4, 5, 3, padding=1), "scaled", block_size=12)
+    assert conv.R.shape == (3, 12, 12)
+    conv.R.copy_(torch.eye(12) + 0.2 * torch.randn(3, 12, 12, generator=gen))
+    dense = conv.dense_R()
+    x = torch.randn(2, 4, 6, 6, generator=gen)
+    w = conv.weight.reshape(5, -1)
+    expected = explicit_conv(x, conv.weight, conv.bias, dense, 1, 1, 1)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-4, atol=1e-5)
+    g = torch.randn(5, 36, generator=gen)
+    torch.testing.assert_close(conv.fold(w), w @ dense)
+    torch.testing.assert_close(conv.weight_grad(g), g @ dense.T)
+    torch.testing.assert_close(conv.transform(g), g @ dense.T)
+
+
+def test_gradcheck_block_diagonal_linear() -> None:
+    gen = torch.Generator().manual_seed(4)
+    layer = decorrelate(nn.Linear(6, 4).double(), "copi", block_size=3)
+    layer.R.copy_(torch.eye(3, dtype=torch.float64) + 0.3 * torch.randn(2, 3, 3, generator=gen))
+    x = torch.randn(5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    for fold in (True, False):
+        layer.fold_weight = fold
+        assert torch.autograd.gradcheck(lambda inp: layer(inp), (x,))
+
+
+def test_learned_rules_step_every_n_updates_only() -> None:
+    mixing, gen = factor_mixing()
+    every = decorrelate(nn.Linear(24, 3), "scaled", lr=0.005, every=3)
+    train_on(every, mixing, gen, steps=2)
+    assert torch.equal(every.R, torch.eye(24)) and int(every.num_updates) == 2
+    train_on(every, mixing, gen, steps=1)
+    assert not torch.equal(every.R, torch.eye(24))
+    train_on(every, mixing, gen, steps=600)  # 201 steps of R: it still decorrelates
+    x = draw(mixing, 4096, gen)
+    assert mean_abs_corr(every.transform(x)) < mean_abs_corr(x) / 10

@@ -137,9 +137,13 @@ def test_short_mnist_run_exceeds_90_percent(mnist_dir, tmp_path):
     assert result.final_test_acc > 0.90, result.history
 
 
-def test_decorrelated_run_logs_layer_stats_and_resumes_exactly(tiny, tmp_path):
-    pytest.importorskip("decorrelate.nn")
-    opts = {**tiny, "decor": "scaled", "decor_lr": 1e-3}
+@pytest.mark.parametrize(
+    "speed",
+    [{}, {"decor_block_size": 16, "decor_every": 2}],
+    ids=["exact", "blocks-every-2"],
+)
+def test_decorrelated_run_logs_layer_stats_and_resumes_exactly(tiny, tmp_path, speed):
+    opts = {**tiny, "decor": "scaled", "decor_lr": 1e-3, **speed}
     straight = train({**opts, "out": str(tmp_path / "a")}, log=None)
     train({**opts, "epochs": 1, "out": str(tmp_path / "b")}, log=None)
     resumed = resume(tmp_path / "b", {"epochs": 2}, log=None)
@@ -149,5 +153,18 @@ def test_decorrelated_run_logs_layer_stats_and_resumes_exactly(tiny, tmp_path):
         assert any(k.startswith("decor/") and k.endswith(stat) for k in row)
     r_final = load_checkpoint(tmp_path / "a")["model"]
     assert any(
-        k.endswith(".R") and not torch.equal(v, torch.eye(v.shape[0])) for k, v in r_final.items()
+        k.endswith(".R") and not torch.equal(v, torch.eye(v.shape[-1]).expand_as(v))
+        for k, v in r_final.items()
     )
+    if speed:  # 64 inputs in 4 blocks of 16, the 32-wide classifier input in 2
+        assert r_final["1.R"].shape == (4, 16, 16) and r_final["3.R"].shape == (2, 16, 16)
+
+
+def test_decor_exclude_leaves_named_layers_plain(tiny):
+    from decorrelate.train import build_network
+
+    cfg = make_config({**tiny, "decor": "copi", "decor_exclude": "3"})
+    names = [k for k in build_network(cfg, (1, 8, 8), 10).state_dict() if k.endswith(".R")]
+    assert names == ["1.R"]
+    with pytest.raises(UserError, match="the layers are: '1', '3'"):
+        build_network(make_config({**tiny, "decor": "copi", "decor_exclude": "x"}), (1, 8, 8), 10)

@@ -249,6 +249,28 @@ class TrainConfig:
     decor_demean: bool = opt(
         False, "subtract a running mean before decorrelating", "bool", group="rule"
     )
+    decor_every: int | None = opt(
+        None,
+        "step R every N training steps (default: 1; zca/newton recompute every 10)",
+        "int",
+        check=positive,
+        optional=True,
+        group="rule",
+    )
+    decor_block_size: int | None = opt(
+        None,
+        "block-diagonal R with blocks of at most N inputs (default: full R, the paper's method)",
+        "int",
+        check=positive,
+        optional=True,
+        group="rule",
+    )
+    decor_exclude: str = opt(
+        "",
+        "comma-separated layer names (as in model.named_modules()) to leave undecorrelated",
+        "str",
+        group="rule",
+    )
     feedback_init: str = opt(
         "uniform",
         "fa/dfa: how feedback matrices are drawn (weight: B = W, FA then equals BP)",

@@ -88,7 +88,12 @@ def build_network(config: TrainConfig, input_shape: tuple[int, ...], num_classes
             options["lr"] = config.decor_lr
         if config.decor_kappa is not None:
             options["kappa"] = config.decor_kappa
-        decorrelate(model, config.decor, **options)
+        if config.decor_every is not None:
+            options["every"] = config.decor_every
+        if config.decor_block_size is not None:
+            options["block_size"] = config.decor_block_size
+        exclude = [name for name in config.decor_exclude.split(",") if name]
+        decorrelate(model, config.decor, exclude=exclude, **options)
     return model
 
 

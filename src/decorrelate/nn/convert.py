@@ -50,8 +50,8 @@ def decorrelate(
     ``method`` is one of :data:`METHODS`; ``lr`` defaults per method (see
     :data:`~decorrelate.nn.methods.DEFAULT_LR`), ``kappa`` (dbp only) to 0.5. Further options
     (``max_samples``, ``max_norm``, ``var_floor``, ``momentum``, ``eps``, ``every``, ``blend``,
-    ``iters``, ``fold``, ``seed``) are described in :class:`DecorConfig`. Anything invalid
-    raises :class:`~decorrelate.errors.UserError`.
+    ``iters``, ``fold``, ``block_size``, ``seed``) are described in :class:`DecorConfig`.
+    Anything invalid raises :class:`~decorrelate.errors.UserError`.
     """
     config = DecorConfig.create(
         method, lr=lr, kappa=kappa, sample_frac=sample_frac, demean=demean, **method_options

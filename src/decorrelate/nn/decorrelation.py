@@ -43,11 +43,13 @@ from ..seeding import derive_seed
 from .methods import (
     EXACT,
     DecorConfig,
+    block_layout,
     coordinate_variance,
     ema_weight,
     learned_update,
     live_coordinates,
     newton_whitener,
+    split_blocks,
     zca_whitener,
 )
 from .sampling import choose, conv_patches, gather_rows, subsample_size
@@ -66,10 +68,12 @@ CONSTANT_TOL = 1e-6
 class Decorrelator(nn.Module):
     """Base of the decorrelated layers: R, its statistics, capture, update and diagnostics.
 
-    Buffers (all in ``state_dict()``, so a checkpoint resumes exactly): ``R`` [d, d];
-    ``num_updates``; ``running_var`` [d] of x for the learned rules' variance floor;
-    ``running_mean`` [d] when demeaning; ``running_cov`` [d, d] and ``samples_seen`` for
-    ``zca``/``newton``.
+    Buffers (all in ``state_dict()``, so a checkpoint resumes exactly): ``R`` [d, d], or
+    [k, d/k, d/k] diagonal blocks with the ``block_size`` option; ``num_updates``;
+    ``running_var`` [d] of x for the learned rules' variance floor; ``running_mean`` [d] when
+    demeaning; ``running_cov`` (shaped like R) and ``samples_seen`` for ``zca``/``newton``.
+    Use :meth:`transform`, :meth:`fold` and :meth:`weight_grad` rather than R itself: they
+    work for both layouts.
     """
 
     layer: nn.Module
@@ -88,7 +92,10 @@ class Decorrelator(nn.Module):
         weight = layer.weight
         factory = {"dtype": weight.dtype, "device": weight.device}
         d = in_features
-        self.register_buffer("R", torch.eye(d, **factory))
+        self.in_features = d
+        self.blocks, self.block = block_layout(d, config.block_size)
+        eye = torch.eye(self.block, **factory)
+        self.register_buffer("R", eye if self.blocks == 1 else eye.repeat(self.blocks, 1, 1))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=weight.device))
         # Diagnostics state, kept in buffers too so that a resumed run logs the same numbers:
         # the last STATS_ROWS sample rows (a ring buffer), how many rows were ever stored, the
@@ -104,7 +111,7 @@ class Decorrelator(nn.Module):
         if config.method not in EXACT:
             self.register_buffer("running_var", torch.zeros(d, **factory))
         if config.method in EXACT:
-            self.register_buffer("running_cov", torch.zeros(d, d, **factory))
+            self.register_buffer("running_cov", torch.zeros_like(self.R))
             self.register_buffer(
                 "samples_seen", torch.zeros((), dtype=torch.long, device=weight.device)
             )
@@ -121,13 +128,26 @@ class Decorrelator(nn.Module):
         """The trainable bias of the wrapped layer."""
         return self.layer.bias
 
+    def _times(self, rows: Tensor, transpose: bool) -> Tensor:
+        """``rows`` [..., d] times R (or Rᵀ), R full or block-diagonal, in ``rows``' dtype."""
+        R = self.R.to(rows.dtype)
+        if self.blocks == 1:
+            return rows @ (R.T if transpose else R)
+        split = rows.reshape(*rows.shape[:-1], self.blocks, self.block)
+        pattern = "...kb,kcb->...kc" if transpose else "...kb,kbc->...kc"
+        return torch.einsum(pattern, split, R).reshape(rows.shape)
+
+    def transform(self, x: Tensor) -> Tensor:
+        """z = R x for raw inputs ``x`` [..., d] (rows: x Rᵀ); differentiable in x."""
+        return self._times(x, transpose=True)
+
     def fold(self, matrix: Tensor) -> Tensor:
         """``matrix`` (shaped like the weight) times R: what the layer applies to its raw input.
 
         ``fold(weight)`` is the effective weight; ``fold(B)`` turns a feedback matrix B into the
         one that sends errors back through Rᵀ.
         """
-        return (matrix.reshape(matrix.shape[0], -1) @ self.R).reshape(matrix.shape)
+        return self._times(matrix.reshape(matrix.shape[0], -1), False).reshape(matrix.shape)
 
     def effective_weight(self) -> Tensor:
         """W R (differentiable in W): the layer is a plain layer with this weight on raw x."""
@@ -136,7 +156,11 @@ class Decorrelator(nn.Module):
     def weight_grad(self, effective_grad: Tensor) -> Tensor:
         """∂L/∂W from ∂L/∂W_eff: multiply by Rᵀ (for rules that write ``.grad`` themselves)."""
         g = effective_grad.reshape(effective_grad.shape[0], -1)
-        return (g @ self.R.T).reshape(effective_grad.shape)
+        return self._times(g, transpose=True).reshape(effective_grad.shape)
+
+    def dense_R(self) -> Tensor:
+        """R as a full d×d matrix (block-diagonal layouts expanded; for tests and analysis)."""
+        return self.R if self.blocks == 1 else torch.block_diag(*self.R)
 
     # ------------------------------------------------------------------ capture
 
@@ -171,6 +195,8 @@ class Decorrelator(nn.Module):
 
         Raises :class:`TrainingDiverged` if R becomes non-finite, if its RMS gain ‖R‖_F/√d
         exceeds ``config.max_norm``, or if a ``scaled`` step is unstable (see :meth:`_check`).
+        With ``every`` = n > 1 the learned rules step on every n-th call only; the calls in
+        between just count.
         """
         if self._sample is None:
             return
@@ -179,6 +205,9 @@ class Decorrelator(nn.Module):
         cfg = self.config
         R = self.R
         step = int(self.num_updates)
+        if cfg.method not in EXACT and (step + 1) % cfg.every:
+            self.num_updates += 1
+            return
         gathered = gather_rows(x.to(R.dtype))
         if gathered.shape[0] != x.shape[0] or z is None or z.dtype != R.dtype:
             z = None  # recompute from the (gathered) raw samples
@@ -189,23 +218,30 @@ class Decorrelator(nn.Module):
             self.running_mean.lerp_(x.mean(0), ema_weight(rate, step))
             x = x - self.running_mean
             if z is not None:
-                z = z - self.running_mean @ R.T
+                z = z - self.transform(self.running_mean)
         if cfg.method in EXACT:
             self._update_exact(x, step)
         else:
-            z = x @ R.T if z is None else z
-            info = learned_update(R, x, z, self.running_var, step, cfg)
+            z = self.transform(x) if z is None else z
+            k = self.blocks
+            blocks = R if k > 1 else R.unsqueeze(0)
+            running_var = self.running_var.view(k, self.block)
+            info = learned_update(
+                blocks, split_blocks(x, k), split_blocks(z, k), running_var, step, cfg
+            )
             self.lr_lambda.fill_(float(info.lr_lambda))
         self.num_updates += 1
         self._check(step + 1)
 
     def _update_exact(self, x: Tensor, step: int) -> None:
         cfg = self.config
-        n, d = x.shape
-        self.running_cov.lerp_(x.T @ x / n, ema_weight(cfg.lr, step))
+        n = x.shape[0]
+        parts = split_blocks(x, self.blocks)
+        cov = (parts.mT @ parts / n).reshape(self.running_cov.shape)
+        self.running_cov.lerp_(cov, ema_weight(cfg.lr, step))
         self.samples_seen += n
         due = (step + 1) % cfg.every == 0
-        if not due or int(self.samples_seen) < d:
+        if not due or int(self.samples_seen) < self.block:
             return
         if float(torch.diagonal(self.running_cov).sum()) <= 0:
             return  # nothing but zeros seen: nothing to whiten
@@ -225,8 +261,7 @@ class Decorrelator(nn.Module):
         stayed above 2 for COLLAPSE_PATIENCE updates in a row.
         """
         cfg = self.config
-        d = self.R.shape[0]
-        gain = float(torch.linalg.vector_norm(self.R)) / math.sqrt(d)
+        gain = float(torch.linalg.vector_norm(self.R)) / math.sqrt(self.in_features)
         lr_lambda = max(float(self.lr_lambda), 0.0)
         unstable = cfg.method == "scaled" and not lr_lambda <= COLLAPSE_LIMIT
         if unstable:
@@ -283,17 +318,17 @@ class Decorrelator(nn.Module):
         * ``lr_lambda``: η·λ_max(C) of the last learned update (stability needs it well below 1–2).
         """
         R = self.R.float()
-        d = R.shape[0]
-        out = {"R_norm": float(torch.linalg.vector_norm(R)) / math.sqrt(d)}
+        out = {"R_norm": float(torch.linalg.vector_norm(R)) / math.sqrt(self.in_features)}
         if cond:
             sv = torch.linalg.svdvals(R)
-            out["cond"] = float(sv[0] / sv[-1]) if sv[-1] > 0 else math.inf
+            top, bottom = sv.max(), sv.min()
+            out["cond"] = float(top / bottom) if bottom > 0 else math.inf
         filled = min(int(self.stats_count), STATS_ROWS)
         if filled >= 2:
             x = self.stats_rows[:filled].to(device=R.device, dtype=R.dtype)
             if self.config.demean:
                 x = x - x.mean(0)
-            z = x @ R.T
+            z = self.transform(x)
             out["offdiag"] = _mean_abs_offdiag(z)
             out["offdiag_input"] = _mean_abs_offdiag(x)
             power = float(x.square().sum())
@@ -304,7 +339,8 @@ class Decorrelator(nn.Module):
 
     def extra_repr(self) -> str:
         cfg = self.config
-        return f"method={cfg.method}, lr={cfg.lr:g}, d={self.R.shape[0]}"
+        blocks = f", blocks={self.blocks}x{self.block}" if self.blocks > 1 else ""
+        return f"method={cfg.method}, lr={cfg.lr:g}, d={self.in_features}{blocks}"
 
 
 def _mean_abs_offdiag(samples: Tensor) -> float:
@@ -352,14 +388,14 @@ class DecorLinear(Decorrelator):
         if self._fold_is_cheaper(x):
             if capture:
                 self._capture(x, None)
-            return F.linear(x, self.layer.weight @ self.R, self.layer.bias)
-        z = F.linear(x, self.R)  # x Rᵀ
+            return F.linear(x, self.fold(self.layer.weight), self.layer.bias)
+        z = F.linear(x, self.R) if self.blocks == 1 else self.transform(x)  # x Rᵀ
         if capture:
             self._capture(x, z)
         return F.linear(z, self.layer.weight, self.layer.bias)
 
     def _capture(self, x: Tensor, z: Tensor | None) -> None:
-        d = self.R.shape[0]
+        d = self.in_features
         rows = x.reshape(-1, d)
         count = subsample_size(rows.shape[0], self.config.sample_frac)
         if x.dim() > 2:

@@ -52,6 +52,8 @@ DEFAULT_LR: dict[str, float] = {
     "zca": 1e-2,
     "newton": 1e-2,
 }
+#: How often R is recomputed (zca/newton: from the running covariance) or stepped (learned rules).
+DEFAULT_EVERY: dict[str, int] = {"copi": 1, "dbp": 1, "scaled": 1, "zca": 10, "newton": 10}
 #: ``dbp``'s κ. 0.5 makes the rule R ← R − (η/2)(C − I)R, the symmetric whitening rule, which
 #: reaches unit variance as fast as it decorrelates. Dalm et al. use κ ≈ 0.01 (mostly
 #: decorrelation, very slow variance control); pass ``kappa=0.01`` to reproduce them.
@@ -82,9 +84,19 @@ class DecorConfig:
     * ``eps`` (1e-3, zca/newton): ridge added to the running covariance, relative to its mean
       eigenvalue: R = (C + eps·tr(C)/d·I)^(−1/2). It caps the gain along dead or unseen directions
       at ≈ 1/√eps times the typical gain.
-    * ``every`` (10, zca/newton): recompute R every this many updates (the covariance itself is
-      accumulated at every update). R stays the identity until the running covariance has seen
-      at least d samples, so that early, rank-deficient estimates are never inverted.
+    * ``every`` (zca/newton 10, learned rules 1): zca/newton recompute R every this many updates
+      (the covariance itself is accumulated at every update); R stays the identity until the
+      running covariance has seen at least d samples (block size, with ``block_size``), so that
+      early, rank-deficient estimates are never inverted. The learned rules take one step every
+      this many updates and skip the others entirely (no subsample work, no pass over R): a
+      speed option that trades how fast R follows the input for less overhead per step.
+    * ``block_size`` (None): None keeps R a full d×d matrix (the paper's method). An integer makes
+      R block-diagonal for layers whose fan-in d exceeds it: k equal blocks of size d/k, with k
+      the smallest number of blocks ≥ d/block_size that divides d (see :func:`block_layout`).
+      Each block is decorrelated as if it were a layer of its own (``scaled`` keeps one gain
+      per block); correlations *between* blocks are left alone. z = R x then costs d·(d/k)
+      instead of d² per sample — the option for very wide inputs such as a conv net's first
+      fully connected layer. R is then stored as [k, d/k, d/k].
     * ``blend`` (0.1, zca/newton): at each recompute R moves this fraction of the way to the
       exact whitening matrix (1 jumps there). Jumping from the identity to full whitening
       in the middle of training hands every layer an input it was not trained on (on an MNIST
@@ -109,10 +121,11 @@ class DecorConfig:
     var_floor: float = 1e-2
     momentum: float = 0.01
     eps: float = 1e-3
-    every: int = 10
+    every: int = 1
     blend: float = 0.1
     iters: int = 20
     fold: bool | None = None
+    block_size: int | None = None
     seed: int = 0
 
     @classmethod
@@ -138,9 +151,10 @@ class DecorConfig:
                 f"unknown decorrelation option(s) {', '.join(unknown)}; "
                 f"valid options: lr, kappa, sample_frac, demean, {', '.join(sorted(known))}"
             )
+        if options.get("every") is None:
+            options["every"] = DEFAULT_EVERY[method]
         only = {
             "eps": EXACT,
-            "every": EXACT,
             "blend": EXACT,
             "iters": ("newton",),
             "kappa": ("dbp",),
@@ -191,6 +205,12 @@ class DecorConfig:
             number(name, isinstance(value, int) and value >= 1, "a positive integer")
         if not isinstance(self.demean, bool):
             raise UserError(f"decorrelation demean={self.demean!r} is invalid: must be a bool")
+        if self.block_size is not None:
+            number(
+                "block_size",
+                isinstance(self.block_size, int) and self.block_size >= 1,
+                "a positive integer or None",
+            )
         if self.fold not in (None, True, False):
             raise UserError(f"decorrelation fold={self.fold!r} is invalid: None, True or False")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -200,9 +220,31 @@ class DecorConfig:
 # ----------------------------------------------------------------------------- learned rules
 
 
+def block_layout(d: int, block_size: int | None) -> tuple[int, int]:
+    """(k, b): R is k diagonal blocks of size b = d/k (k = 1: a full d×d matrix).
+
+    k is the smallest number of blocks ≥ d/block_size that divides d, so every block has the
+    same size and no input is padded: d = 3136 with block_size 512 gives 7 blocks of 448,
+    d = 1000 gives 2 of 500. A prime d larger than block_size falls back to d blocks of 1
+    (per-coordinate scaling only).
+    """
+    if block_size is None or block_size >= d:
+        return 1, d
+    k = math.ceil(d / block_size)
+    while d % k:
+        k += 1
+    return k, d // k
+
+
+def split_blocks(samples: Tensor, k: int) -> Tensor:
+    """[n, d] samples → [k, n, d/k] views, one per diagonal block of R (no copy)."""
+    n, d = samples.shape
+    return samples.reshape(n, k, d // k).transpose(0, 1)
+
+
 def coordinate_variance(samples: Tensor) -> Tensor:
-    """Variance of each coordinate of ``samples`` [n, d] across the samples (centred on them)."""
-    return (samples - samples.mean(0)).square().mean(0)
+    """Variance of each coordinate of ``samples`` [..., n, d] across the n samples (centred)."""
+    return (samples - samples.mean(-2, keepdim=True)).square().mean(-2)
 
 
 def live_coordinates(running_var: Tensor, var_floor: float) -> Tensor:
@@ -227,37 +269,42 @@ def live_coordinates(running_var: Tensor, var_floor: float) -> Tensor:
 
 
 def top_eigenvalue(gram: Tensor, iters: int = 10) -> Tensor:
-    """The largest eigenvalue of a small PSD matrix (exact up to n = 64, else estimated).
+    """The largest eigenvalue of small PSD matrices ``gram`` [..., n, n] (exact up to n = 64).
 
     Applied to the n×n Gram matrix z zᵀ/n, whose non-zero eigenvalues are those of
     C = zᵀz/n, this costs nothing in d. Beyond n = 64 a few power iterations (O(n²) each, from
     the Gram column with the largest diagonal) give a Rayleigh quotient: a lower bound that is
     tight once the top eigenvalue stands out, which is the case that matters here.
     """
-    if gram.shape[0] <= 64:
-        return torch.linalg.eigvalsh(gram)[-1]
-    v = gram[:, int(torch.argmax(torch.diagonal(gram)))]
+    if gram.shape[-1] <= 64:
+        return torch.linalg.eigvalsh(gram)[..., -1]
+    start = torch.diagonal(gram, dim1=-2, dim2=-1).argmax(-1, keepdim=True)  # [..., 1]
+    v = torch.take_along_dim(gram, start.unsqueeze(-2), dim=-1)  # [..., n, 1]
+    tiny = torch.finfo(gram.dtype).tiny
     for _ in range(iters):
         v = gram @ v
-        v = v / torch.linalg.vector_norm(v).clamp_min(torch.finfo(gram.dtype).tiny)
-    return v @ (gram @ v)
+        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp_min(tiny)
+    return (v * (gram @ v)).sum((-2, -1))
 
 
 def scaled_gain(x: Tensor, z: Tensor, gram: Tensor, lr: float, live: Tensor) -> Tensor:
-    """The ``scaled`` rule's gain g: mean over samples of ‖x_i‖ / ‖z'_i‖.
+    """The ``scaled`` rule's gain g per block: mean over samples of ‖x_i‖ / ‖z'_i‖.
 
-    z' are the samples as the updated R will map them before the gain: live coordinates become
-    (I − ηC) z (as C = zᵀz/n, that is z − η·(z zᵀ/n)·z, only n²·d work), frozen ones stay. So
+    Shapes: ``x``, ``z`` [k, n, b], ``gram`` [k, n, n], ``live`` [k, b]; returns [k]. z' are the
+    samples as the updated R will map them before the gain: live coordinates become
+    (I − ηC) z (as C = zᵀz/n, that is z − η·(z zᵀ/n)·z, only n²·b work), frozen ones stay. So
     after the update the decorrelated inputs keep the raw inputs' norm on average (the fixed
     point has ‖z‖ ≈ ‖x‖ up to the spread of the per-sample ratios). Zero-norm samples are skipped.
     """
-    z_new = z - lr * (gram @ (z * live))
-    x_norm = torch.linalg.vector_norm(x, dim=1)
-    z_norm = torch.linalg.vector_norm(z_new, dim=1)
+    z_new = z - lr * (gram @ (z * live.unsqueeze(-2)))
+    x_norm = torch.linalg.vector_norm(x, dim=-1)
+    z_norm = torch.linalg.vector_norm(z_new, dim=-1)
     ok = (x_norm > 0) & (z_norm > 0)
     ratio = torch.where(ok, x_norm / z_norm.clamp_min(torch.finfo(z.dtype).tiny), 0.0)
-    count = ok.sum()
-    return torch.where(count > 0, ratio.sum() / count.clamp_min(1), torch.ones_like(ratio[0]))
+    count = ok.sum(-1)
+    return torch.where(
+        count > 0, ratio.sum(-1) / count.clamp_min(1), torch.ones_like(ratio[..., 0])
+    )
 
 
 class StepInfo(NamedTuple):
@@ -272,36 +319,43 @@ def learned_update(
 ) -> StepInfo:
     """One step of ``copi``, ``dbp`` or ``scaled``, applied to R (and ``running_var``) in place.
 
-    ``x`` [n, d] are the (centred, if demeaning) raw samples, ``z`` = x Rᵀ the decorrelated ones,
-    ``running_var`` the running per-coordinate variance of x and ``step`` the number of updates
-    so far. With C = zᵀz/n and c = diag(C):
+    Shapes: ``R`` [k, b, b] (k diagonal blocks; k = 1 for a full R), ``x`` [k, n, b] the
+    (centred, if demeaning) raw samples split by block, ``z`` = x Rᵀ likewise, ``running_var``
+    [k, b] the running per-coordinate variance of x; ``step`` is the number of updates so far.
+    Every block takes its own step. With C = zᵀz/n and c = diag(C) (per block):
 
     * copi:   R ← R − η·offdiag(C)·R             = diag(1 + ηc)·R − η·C·R
     * dbp:    R ← R − η·[(1−κ)·offdiag(C) + κ·diag(c − 1)]·R
     * scaled: R ← g·(I − ηC)·R,  g = :func:`scaled_gain`
 
-    C·R is computed as zᵀ(z R)/n (2·n·d² work, never d³). Rows of inputs below the variance
-    floor (see :func:`live_coordinates`) are left unchanged. Also returns η·λ_max(C),
-    estimated from the n×n Gram matrix: above 2 the step amplifies the top direction.
+    C·R is computed as zᵀ(z R)/n (2·n·b² work per block, never b³). Rows of inputs below the
+    variance floor (see :func:`live_coordinates`, which compares against the mean over all
+    blocks) are left unchanged. Also returns η·λ_max(C), the largest over the blocks,
+    estimated from the n×n Gram matrices: above 2 the step amplifies the top direction.
     """
-    n = z.shape[0]
+    n = z.shape[-2]
     lr = cfg.lr
     running_var.lerp_(coordinate_variance(x), ema_weight(cfg.momentum, step))
     live = live_coordinates(running_var, cfg.var_floor)
     all_live = bool(live.all())
-    gram = (z @ z.T) / n  # n×n: same non-zero spectrum as C
-    info = StepInfo(live, lr * top_eigenvalue(gram))
-    zR = z @ R  # n×d, with the R before the update
-    z_live = z if all_live else z * live  # zero columns ⇒ zero rows of zᵀ(zR): frozen rows stay
+    gram = (z @ z.mT) / n  # [k, n, n]: same non-zero spectrum as each block's C
+    info = StepInfo(live, lr * top_eigenvalue(gram).max())
+    zR = z @ R  # [k, n, b], with the R before the update
+    # zero columns ⇒ zero rows of zᵀ(zR): frozen rows stay
+    z_live = z if all_live else z * live.unsqueeze(-2)
     if cfg.method == "scaled":
-        g = float(scaled_gain(x, z, gram, lr, live))
-        frozen = None if all_live else (~live).nonzero().squeeze(1)
-        kept = None if frozen is None else R[frozen]  # a copy; usually few rows
-        R.addmm_(z_live.T, zR, beta=g, alpha=-g * lr / n)  # g·(R − η C R) in one pass over R
-        if frozen is not None:
-            R[frozen] = kept
+        g = scaled_gain(x, z, gram, lr, live)
+        kept = None if all_live else R[~live]  # a copy; usually few rows
+        if R.shape[0] == 1:  # g·(R − η C R) in one pass over R
+            gain = float(g[0])
+            R.baddbmm_(z_live.mT, zR, beta=gain, alpha=-gain * lr / n)
+        else:
+            g = g.view(-1, 1, 1)
+            R.mul_(g).baddbmm_(z_live.mT * g, zR, alpha=-lr / n)
+        if kept is not None:
+            R[~live] = kept
         return info
-    c = z.square().mean(0)
+    c = z.square().mean(-2)
     if cfg.method == "copi":
         decor, row_scale = 1.0, 1.0 + lr * c
     elif cfg.method == "dbp":
@@ -309,8 +363,8 @@ def learned_update(
         row_scale = 1.0 + lr * decor * c - lr * cfg.kappa * (c - 1.0)
     else:
         raise ValueError(f"not a learned decorrelation method: {cfg.method!r}")
-    R.mul_(torch.where(live, row_scale, torch.ones_like(c)).unsqueeze(1))
-    R.addmm_(z_live.T, zR, alpha=-lr * decor / n)
+    R.mul_(torch.where(live, row_scale, torch.ones_like(c)).unsqueeze(-1))
+    R.baddbmm_(z_live.mT, zR, alpha=-lr * decor / n)
     return info
 
 
@@ -326,35 +380,35 @@ def ema_weight(lr: float, num_updates: int) -> float:
 
 
 def ridge(cov: Tensor, eps: float) -> float:
-    """The absolute ridge eps·tr(C)/d for the relative ``eps``."""
-    return eps * float(torch.diagonal(cov).mean())
+    """The absolute ridge eps·tr(C)/d for the relative ``eps`` (over all blocks of [k, b, b])."""
+    return eps * float(torch.diagonal(cov, dim1=-2, dim2=-1).mean())
 
 
 def zca_whitener(cov: Tensor, eps: float) -> Tensor:
-    """(C + ridge·I)^(−1/2) by a symmetric eigendecomposition (in float64 for accuracy)."""
+    """(C + ridge·I)^(−1/2) by a symmetric eigendecomposition (float64), per [..., b, b] block."""
     c64 = cov.double()
-    c64 = 0.5 * (c64 + c64.T)
+    c64 = 0.5 * (c64 + c64.mT)
     evals, evecs = torch.linalg.eigh(c64)
     inv_sqrt = (evals.clamp_min(0.0) + ridge(cov, eps)).rsqrt()
-    return ((evecs * inv_sqrt) @ evecs.T).to(cov.dtype)
+    return ((evecs * inv_sqrt.unsqueeze(-2)) @ evecs.mT).to(cov.dtype)
 
 
 def newton_whitener(cov: Tensor, eps: float, iters: int) -> Tensor:
-    """(C + ridge·I)^(−1/2) by the trace-normalised, coupled Newton–Schulz iteration.
+    """(C + ridge·I)^(−1/2) by the trace-normalised, coupled Newton–Schulz iteration (per block).
 
     With Σ = C + ridge·I and A = Σ / tr(Σ) (eigenvalues in (0, 1]): Y₀ = A, Z₀ = I,
     T = (3I − Z Y)/2, Y ← Y T, Z ← T Z. Z converges to A^(−1/2) (and Y to A^(1/2)); then
     Σ^(−1/2) = Z / √tr(Σ). The coupled form is the numerically stable one (the uncoupled
     P ← (3P − P³A)/2 amplifies rounding errors once the condition number is large). Only matrix
-    products: the form that suits accelerators, as in IterNorm.
+    products: the form that suits accelerators, as in IterNorm. ``cov`` may be [..., b, b].
     """
-    d = cov.shape[0]
-    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-    sigma = 0.5 * (cov + cov.T) + ridge(cov, eps) * eye
-    trace = torch.diagonal(sigma).sum()
+    b = cov.shape[-1]
+    eye = torch.eye(b, dtype=cov.dtype, device=cov.device)
+    sigma = 0.5 * (cov + cov.mT) + ridge(cov, eps) * eye
+    trace = torch.diagonal(sigma, dim1=-2, dim2=-1).sum(-1)[..., None, None]
     y = sigma / trace
-    z = eye
+    z = eye.expand_as(sigma)
     for _ in range(iters):
         t = 1.5 * eye - 0.5 * (z @ y)
         y, z = y @ t, t @ z
-    return 0.5 * (z + z.T) * trace.rsqrt()
+    return 0.5 * (z + z.mT) * trace.rsqrt()

@@ -125,7 +125,7 @@ def local_weight_grad(
     a = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
     e = torch.cat([t.reshape(-1, t.shape[-1]) for t in errors])
     if wrapped and e.shape[1] >= a.shape[0]:
-        gw = e.T @ (a @ module.R.to(a.dtype).T)
+        gw = e.T @ module.transform(a)
     else:
         gw = e.T @ a
         if wrapped:
