@@ -97,19 +97,21 @@ def test_fa_straight_through_uses_unit_derivative():
     torch.testing.assert_close(got["3.weight"], d2.T @ h1)
 
 
-def test_fa_through_decorrelated_layers_sends_error_back_through_r_transpose():
+@pytest.mark.parametrize("block_size", [None, 2], ids=["full-R", "block-diagonal-R"])
+def test_fa_through_decorrelated_layers_sends_error_back_through_r_transpose(block_size):
     dnn = pytest.importorskip("decorrelate.nn")
     model = mlp()
-    dnn.decorrelate(model, "scaled")
+    dnn.decorrelate(model, "scaled", block_size=block_size)
     torch.manual_seed(3)
     wrappers = [m for _, m in dnn.decorrelators(model)]
     for w in wrappers:  # non-identity R, as after some training
-        w.R.copy_(torch.eye(w.R.shape[0], dtype=w.R.dtype) + 0.3 * torch.randn_like(w.R))
+        w.R.copy_(torch.eye(w.R.shape[-1], dtype=w.R.dtype) + 0.3 * torch.randn_like(w.R))
     x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
     rule = get_rule("fa")
     rule.attach(model, Loss(), torch.Generator().manual_seed(1))
     got = rule_grads(rule, model, x, y)
-    (r1, w1), (r2, w2), (r3, w3) = [(m.R, m.layer) for m in wrappers]
+    (r1, w1), (r2, w2), (r3, w3) = [(m.dense_R(), m.layer) for m in wrappers]
+    assert block_size is None or wrappers[0].R.dim() == 3
     b2, b3 = wrappers[1].fa_feedback, wrappers[2].fa_feedback
     z1 = x @ r1.T
     h1 = torch.tanh(z1 @ w1.weight.T + w1.bias)

@@ -209,6 +209,26 @@ def test_decorrelators_learn_from_the_clean_rows_only():
     )
 
 
+def test_inp_through_block_diagonal_decorrelators_approaches_the_bp_gradient():
+    dnn = pytest.importorskip("decorrelate.nn")
+    model = dnn.decorrelate(tiny_mlp(), "copi", block_size=2)
+    gen = torch.Generator().manual_seed(5)
+    for _, m in dnn.decorrelators(model):  # non-identity block-diagonal R
+        m.R.copy_(torch.eye(m.R.shape[-1]) + 0.3 * torch.randn(m.R.shape, generator=gen))
+    assert [tuple(m.R.shape) for _, m in dnn.decorrelators(model)] == [
+        (3, 2, 2),
+        (5, 1, 1),
+        (2, 2, 2),
+    ]
+    x, y = data()
+    bp = bp_grads(model, x, y)
+    rule = get_rule("inp", sigma=1e-4, samples=3000)
+    rule.attach(model, Loss(), torch.Generator().manual_seed(0))
+    got = rule_grads(rule, model, x, y)
+    for g, b in zip(got, bp, strict=True):
+        assert cosine(g, b) >= 0.9
+
+
 def test_conv_with_string_padding():
     torch.manual_seed(0)
     model = nn.Sequential(

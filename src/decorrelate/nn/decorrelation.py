@@ -141,13 +141,17 @@ class Decorrelator(nn.Module):
         """z = R x for raw inputs ``x`` [..., d] (rows: x Rᵀ); differentiable in x."""
         return self._times(x, transpose=True)
 
+    def pull_back(self, grad: Tensor) -> Tensor:
+        """An error ``grad`` [..., d] at z = R x sent back to x: Rᵀ·grad (rows: grad R)."""
+        return self._times(grad, transpose=False)
+
     def fold(self, matrix: Tensor) -> Tensor:
         """``matrix`` (shaped like the weight) times R: what the layer applies to its raw input.
 
         ``fold(weight)`` is the effective weight; ``fold(B)`` turns a feedback matrix B into the
         one that sends errors back through Rᵀ.
         """
-        return self._times(matrix.reshape(matrix.shape[0], -1), False).reshape(matrix.shape)
+        return self.pull_back(matrix.reshape(matrix.shape[0], -1)).reshape(matrix.shape)
 
     def effective_weight(self) -> Tensor:
         """W R (differentiable in W): the layer is a plain layer with this weight on raw x."""

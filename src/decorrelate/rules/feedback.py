@@ -245,12 +245,12 @@ class FeedbackAlignment(_FeedbackRule):
                 )
         else:
             b = self.feedback(module)
-            r = getattr(module, "R", None) if hasattr(module, "fold") else None
+            decorrelated = hasattr(module, "pull_back")
 
             def send(delta: Tensor) -> Tensor:
                 # (δ B) R rather than δ (B R): rows·out·d + rows·d² instead of out·d² per step.
                 back = delta @ b.to(delta.dtype)
-                return back if r is None else back @ r.to(delta.dtype)
+                return module.pull_back(back) if decorrelated else back
 
         return _RouteError.apply(out, x, send)
 
