@@ -91,7 +91,7 @@ def prepare_out_dir(path: str | Path) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"  # per process: ranks probe at once
         probe.write_text("")
         probe.unlink()
     except OSError as err:

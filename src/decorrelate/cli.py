@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train on N local processes (launches torchrun --standalone --nproc-per-node N)",
+    )
     _add_config_flags(p)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a checkpoint.")
@@ -160,8 +167,34 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
+def _launch(nproc: int, argv: Sequence[str]) -> int:
+    """Re-run this ``train`` command under torchrun on ``nproc`` local processes."""
+    import subprocess
+
+    from . import distributed
+
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    if distributed.launched():
+        raise UserError("--nproc is for a plain launch; under torchrun leave it out")
+    rest, skip = [], False
+    for item in argv:  # drop --nproc N / --nproc=N, keep everything else as given
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            rest.append(item)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc-per-node={nproc}", "-m", "decorrelate", *rest]
+    return subprocess.call(command)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import resume, summary_line, train
+
+    if args.nproc != 1:
+        return _launch(args.nproc, args.argv)
 
     log = None if args.quiet else print
     progress = False if args.no_progress else None
@@ -174,7 +207,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(
             _config_from_args(args), overwrite=args.overwrite, log=log, progress=progress
         )
-    print(summary_line(result))
+    from . import distributed
+
+    if distributed.is_main():
+        print(summary_line(result))
     return 0
 
 
@@ -300,18 +336,26 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from . import distributed
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return EXIT_USER
+    # Under torchrun every rank fails alike; one of them says so.
+    say = distributed.is_main
     try:
         return COMMANDS[args.command](args)
     except (UserError, DataError) as err:
-        print(f"decorrelate: error: {err}", file=sys.stderr)
+        if say():
+            print(f"decorrelate: error: {err}", file=sys.stderr)
         return EXIT_USER
     except TrainingDiverged as err:
-        print(f"decorrelate: diverged: {err}", file=sys.stderr)
+        if say():
+            print(f"decorrelate: diverged: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
         print(
@@ -319,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

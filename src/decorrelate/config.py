@@ -364,6 +364,20 @@ class TrainConfig:
         optional=True,
         group="run",
     )
+    dist_timeout: float = opt(
+        300.0,
+        "multi-process runs: seconds a collective may wait for the other ranks before failing",
+        "float",
+        check=positive,
+        group="run",
+    )
+    dist_backend: str = opt(
+        "auto",
+        "multi-process runs: torch.distributed backend (auto: nccl on CUDA, gloo on CPU)",
+        "str",
+        choices=("auto", "gloo", "nccl"),
+        group="run",
+    )
     out: str | None = opt(
         None,
         "output directory (default runs/<dataset>-<model>-<rule>-<decor>-s<seed>)",

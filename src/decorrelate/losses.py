@@ -25,12 +25,18 @@ def reduce(per_sample: Tensor, reduction: str) -> Tensor:
 
 
 class Loss:
-    """A loss ``L(output, y)`` on logits/outputs [B, K] and class indices [B]."""
+    """A loss ``L(output, y)`` on logits/outputs [B, K] and class indices [B].
+
+    ``scale`` (1 unless training on several processes) multiplies every value: rank r of W
+    holding n_r of a global batch's N samples uses n_r·W/N, so that averaging the ranks'
+    gradients gives the global batch mean exactly (see :mod:`decorrelate.distributed`).
+    """
 
     def __init__(self, name: str = "cross-entropy") -> None:
         if name not in LOSSES:
             raise UserError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
         self.name = name
+        self.scale = 1.0
 
     def target(self, y: Tensor, num_classes: int) -> Tensor:
         """The regression target for the MSE losses (one-hot, optionally shifted by −0.1)."""
@@ -39,10 +45,12 @@ class Loss:
 
     def __call__(self, output: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
         if self.name == "cross-entropy":
-            return F.cross_entropy(output, y, reduction=reduction)
-        # Sum over outputs, mean over the batch: the per-sample loss is 0.5·‖f(x) − t‖².
-        target = self.target(y, output.shape[-1]).to(output.dtype)
-        return reduce(0.5 * (output - target).pow(2).sum(-1), reduction)
+            value = F.cross_entropy(output, y, reduction=reduction)
+        else:
+            # Sum over outputs, mean over the batch: the per-sample loss is 0.5·‖f(x) − t‖².
+            target = self.target(y, output.shape[-1]).to(output.dtype)
+            value = reduce(0.5 * (output - target).pow(2).sum(-1), reduction)
+        return value if self.scale == 1.0 else value * self.scale
 
     def __repr__(self) -> str:
         return f"Loss({self.name!r})"

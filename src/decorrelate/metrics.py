@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import ExitStack
 
 import torch
@@ -65,12 +66,20 @@ def _is_wrapper(module: nn.Module) -> bool:
     )
 
 
-def update_angles(model: nn.Module, rule: object, x: Tensor, y: Tensor) -> dict[str, float]:
+def update_angles(
+    model: nn.Module,
+    rule: object,
+    x: Tensor,
+    y: Tensor,
+    reduce: Callable[[list[Tensor]], object] | None = None,
+) -> dict[str, float]:
     """Angles between the rule's ``.grad`` (already filled for this batch) and BP's gradient.
 
     Computes the BP reference with one extra forward/backward on the same batch, with the rule's
     changes to the backward pass suspended and decorrelators not capturing, then puts the rule's
-    gradients back, so training is unaffected. Keys: ``angle/<parameter name>``.
+    gradients back, so training is unaffected. Keys: ``angle/<parameter name>``. ``reduce``
+    (multi-process training: :func:`decorrelate.distributed.average_grads`) is applied to the
+    reference gradients, so that they are the global batch's like the rule's.
     """
     params = weight_parameters(model)
     saved = {id(p): None if p.grad is None else p.grad.clone() for p in model.parameters()}
@@ -80,6 +89,8 @@ def update_angles(model: nn.Module, rule: object, x: Tensor, y: Tensor) -> dict[
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             rule.loss(model(x), y).backward()
+        if reduce is not None:
+            reduce([p for p in model.parameters() if p.grad is not None])
         bp = {id(p): None if p.grad is None else p.grad.clone() for _, p in params}
     for p in model.parameters():
         p.grad = saved[id(p)]

@@ -9,6 +9,7 @@ checkpoint continues bit-identically.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed as dist
 from .config import TrainConfig, make_config, save_config
 from .data import Dataset, DataSplits, epoch_order, load_dataset
 from .errors import TrainingDiverged, UserError
@@ -34,7 +36,15 @@ from .seeding import derive_seed, make_generator
 Log = Callable[[str], None]
 
 #: Options that may differ when a run is resumed (they do not change the maths).
-RESUME_OVERRIDES = ("epochs", "device", "threads", "data_dir", "out")
+RESUME_OVERRIDES = (
+    "epochs",
+    "device",
+    "threads",
+    "data_dir",
+    "out",
+    "dist_timeout",
+    "dist_backend",
+)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -142,18 +152,24 @@ def build_scheduler(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, loss: Loss, batch_size: int) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` on ``data`` (eval mode, no graph)."""
+    """Mean loss and accuracy of ``model`` on ``data`` (eval mode, no graph).
+
+    Under torch.distributed each rank evaluates its contiguous share and the sums are
+    all-reduced, so every rank returns the numbers of the whole set.
+    """
     was_training = model.training
     model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=data.x.device)
-    correct = torch.zeros((), dtype=torch.int64, device=data.x.device)
-    for x, y in data.batches(batch_size):
+    sums = torch.zeros(2, dtype=torch.float64, device=data.x.device)  # loss, correct
+    offset, size = dist.shard_bounds(len(data), dist.world_size(), dist.rank())
+    order = None if size == len(data) else torch.arange(offset, offset + size)
+    for x, y in data.batches(batch_size, order=order):
         out = model(x)
-        total_loss += loss(out, y, reduction="sum").double()
-        correct += (out.argmax(-1) == y).sum()
+        sums[0] += loss(out, y, reduction="sum").double()
+        sums[1] += (out.argmax(-1) == y).sum()
     model.train(was_training)
     n = max(1, len(data))
-    return total_loss.item() / n, correct.item() / n
+    total_loss, correct = dist.all_sum(sums).tolist()
+    return total_loss / n, correct / n
 
 
 def _decor_hooks(model: nn.Module) -> tuple[Callable[[], None] | None, Callable[[], dict]]:
@@ -203,19 +219,41 @@ class Trainer:
         progress: bool | None = None,
     ) -> None:
         self.config = config
-        self.log = log or (lambda _msg: None)
-        self.progress = progress
+        dist.setup(config.device, config.dist_timeout, config.dist_backend)  # no-op unless launched
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.log = (log if self.rank == 0 else None) or (lambda _msg: None)
+        self.progress = progress if self.rank == 0 else False
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device)
+        self.device = dist.local_device(resolve_device(config.device))
         splits = data if data is not None else load_data(config)
         self.train_data = splits.train.to(self.device)
         self.test_data = splits.test.to(self.device)
         self.val_data = splits.val.to(self.device) if splits.val is not None else None
         self.model, self.rule, self.loss = build_parts(config, splits, self.device)
-        self.optimizer = build_optimizer(
-            config, [p for p in self.model.parameters() if p.requires_grad]
-        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(config, self.params)
+        # Several processes: autograd rules run through DDP (it all-reduces .grad during the
+        # backward pass); rules that write .grad themselves are all-reduced after backward().
+        self.forward_model: nn.Module = self.model
+        self.sync_grads = False
+        if self.world > 1:
+            dist.check_batch_size(config.batch_size, self.world)
+            if self.rule.ddp_autograd:
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                # R is kept identical on every rank by its gathered update; broadcasting the
+                # buffers from rank 0 at every forward would only cost d² per layer per step.
+                params = inspect.signature(DistributedDataParallel).parameters
+                no_sync = (
+                    {"forward_sync_buffers": False}
+                    if "forward_sync_buffers" in params
+                    else {"broadcast_buffers": False}  # torch before 2.13
+                )
+                self.forward_model = DistributedDataParallel(self.model, device_ids=ids, **no_sync)
+            else:
+                self.sync_grads = True
         self.steps_per_epoch = self.train_data.num_batches(config.batch_size)
         self.scheduler = build_scheduler(config, self.optimizer, self.steps_per_epoch)
         self._local_update, self._local_stats = _decor_hooks(self.model)
@@ -246,28 +284,41 @@ class Trainer:
             disable=True if self.progress is False else None,
             dynamic_ncols=True,
         )
+        reduce = dist.average_grads if self.world > 1 else None
         start = time.perf_counter()
-        for step, (x, y) in enumerate(self.train_data.batches(cfg.batch_size, order=order)):
-            if step == total:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            out = rule.backward(model, x, y)
-            if step % check_every == 0 and not torch.isfinite(out.loss):
-                self._diverged(epoch, step, out.loss)
-            global_step = (epoch - 1) * self.steps_per_epoch + step
-            if align_every and global_step % align_every == 0:
-                row = {"epoch": epoch, "step": global_step}
-                row.update(update_angles(model, rule, x, y))
-                self.alignment.append(row)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            if local_update is not None:
-                local_update()
-            loss_sum += out.loss.double() * y.shape[0]
-            correct += (out.output.argmax(-1) == y).sum()
-            seen += y.shape[0]
-            bar.update()
+        try:
+            for step, (x, y, shard) in enumerate(
+                dist.shard_batches(self.train_data, cfg.batch_size, order)
+            ):
+                if step == total:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                if shard is not None:  # exact global mean after averaging over ranks
+                    self.loss.scale = shard.size * self.world / shard.total
+                with dist.batch_shard(shard):
+                    out = rule.backward(self.forward_model, x, y)
+                if self.sync_grads:
+                    dist.average_grads(self.params)
+                if step % check_every == 0:
+                    self._check_finite(epoch, step, out.loss)
+                global_step = (epoch - 1) * self.steps_per_epoch + step
+                if align_every and global_step % align_every == 0:
+                    row = {"epoch": epoch, "step": global_step}
+                    row.update(update_angles(model, rule, x, y, reduce=reduce))
+                    self.alignment.append(row)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                if local_update is not None:
+                    local_update()
+                loss_sum += out.loss.double() / self.loss.scale * y.shape[0]
+                correct += (out.output.argmax(-1) == y).sum()
+                seen += y.shape[0]
+                bar.update()
+        finally:
+            self.loss.scale = 1.0
+        totals = dist.all_sum(torch.stack([loss_sum, correct.double(), torch.tensor(seen + 0.0)]))
+        loss_sum, correct, seen = totals[0], int(totals[1]), int(totals[2])
         if not torch.isfinite(loss_sum):
             self._diverged(epoch, total - 1, loss_sum)
         if self.device.type == "cuda":
@@ -276,10 +327,16 @@ class Trainer:
         bar.close()
         return {
             "train_loss": loss_sum.item() / max(1, seen),
-            "train_acc": correct.item() / max(1, seen),
+            "train_acc": correct / max(1, seen),
             "epoch_seconds": elapsed,
             "steps": total,
         }
+
+    def _check_finite(self, epoch: int, step: int, loss: Tensor) -> None:
+        """Stop on a non-finite loss; under torch.distributed every rank stops at the same step."""
+        bad = torch.isfinite(loss).logical_not().double().reshape(1)
+        if dist.all_sum(bad).item() > 0:  # on some rank; the same step everywhere
+            self._diverged(epoch, step, loss if not torch.isfinite(loss) else bad.fill_(math.nan))
 
     def _diverged(self, epoch: int, step: int, value: Tensor) -> None:
         raise TrainingDiverged(
@@ -355,11 +412,16 @@ class Trainer:
         self.alignment = list(state.get("alignment", []))
 
     def save(self, out: Path) -> None:
-        """Checkpoint first, then metrics: a metrics row never exists without its checkpoint."""
-        ckpt.save_checkpoint(out / ckpt.CHECKPOINT, self.state_dict())
-        ckpt.write_metrics(out / ckpt.METRICS, self.history)
-        if self.alignment:
-            ckpt.write_metrics(out / ckpt.ALIGNMENT, self.alignment)
+        """Checkpoint first, then metrics: a metrics row never exists without its checkpoint.
+
+        Under torch.distributed rank 0 writes and the others wait for it.
+        """
+        if self.rank == 0:
+            ckpt.save_checkpoint(out / ckpt.CHECKPOINT, self.state_dict())
+            ckpt.write_metrics(out / ckpt.METRICS, self.history)
+            if self.alignment:
+                ckpt.write_metrics(out / ckpt.ALIGNMENT, self.alignment)
+        dist.barrier()
 
     # -------------------------------------------------------------- the loop
     def fit(self, out: Path) -> RunResult:
@@ -424,16 +486,19 @@ def train(
     (use :func:`resume` to continue one).
     """
     cfg = config if isinstance(config, TrainConfig) else make_config(config or {})
+    dist.setup(cfg.device, cfg.dist_timeout, cfg.dist_backend)
     out = ckpt.prepare_out_dir(cfg.out or cfg.default_out())
     if (out / ckpt.CHECKPOINT).exists() and not overwrite:
         raise UserError(
             f"{out} already holds a run; continue it with --resume {out} or pass --overwrite"
         )
+    dist.barrier()  # every rank has checked before rank 0 writes anything
     cfg = cfg.replace(out=str(out))
     trainer = Trainer(cfg, data=data, log=log, progress=progress)
     cfg = _resolved(cfg, trainer)
     trainer.config = cfg
-    save_config(cfg, out / ckpt.CONFIG)
+    if dist.is_main():
+        save_config(cfg, out / ckpt.CONFIG)
     return trainer.fit(out)
 
 
@@ -459,7 +524,8 @@ def resume(
     out = ckpt.prepare_out_dir(cfg.out)
     trainer = Trainer(cfg, data=data, log=log, progress=progress)
     trainer.load_state_dict(state)
-    save_config(cfg, out / ckpt.CONFIG)
+    if dist.is_main():
+        save_config(cfg, out / ckpt.CONFIG)
     if trainer.epoch >= cfg.epochs and log:
         log(f"{out} already trained for {trainer.epoch} epochs; pass --epochs N to train longer")
     return trainer.fit(out)

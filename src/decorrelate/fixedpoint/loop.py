@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import checkpoint as ckpt
+from .. import distributed as dist
 from ..errors import TrainingDiverged
 from ..rules.base import StepOutput
 from .diagnostics import angle_degrees, max_real_eig, max_real_eig_gain
@@ -74,17 +75,28 @@ class StepLoop:
         self._unflushed = 0
 
     # ------------------------------------------------------------------ one step
-    def step(self, x: Tensor, y: Tensor, **extra: Any) -> StepOutput:
-        """One training step on the batch ``(x, y)``; ``extra`` goes into a logged row."""
+    def step(
+        self, x: Tensor, y: Tensor, shard: dist.BatchShard | None = None, **extra: Any
+    ) -> StepOutput:
+        """One training step on the batch ``(x, y)``; ``extra`` goes into a logged row.
+
+        ``shard``: under torch.distributed, where this rank's ``(x, y)`` lies in the global batch;
+        ``W.grad`` is then averaged over the ranks, weighted by their settled samples, so every
+        rank takes the step one process would take on the whole batch. Logged rows describe
+        rank 0's shard.
+        """
         self.steps += 1
         k = self.steps
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            out = self.rule.backward(self.model, x, y)
+            with dist.batch_shard(shard):
+                out = self.rule.backward(self.model, x, y)
         except TrainingDiverged as err:  # the message already names the rule and lr
             self.flush()
             raise StepDiverged(f"step {k}: {err}", k) from None
+        if shard is not None:
+            self._average_grad()
         if not bool(torch.isfinite(out.loss)):
             self._stop(f"training loss became {float(out.loss)}", k)
         self.unsettled += int((~self.settled()).sum())
@@ -102,6 +114,16 @@ class StepLoop:
             row.update(extra)
             self.record(row)
         return out
+
+    def _average_grad(self) -> None:
+        """W.grad (a mean over this rank's settled samples) → the mean over all ranks' ones."""
+        grad = self.model.W.grad
+        used = self.settled().sum().double().reshape(1)
+        total = dist.all_sum(used.clone())
+        if grad is None or float(total) == 0:
+            return
+        grad.mul_(float(used) * dist.world_size() / float(total))
+        dist.average_grads([self.model.W])
 
     def _stop(self, reason: str, step: int) -> NoReturn:
         self.flush()

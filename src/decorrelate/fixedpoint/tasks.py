@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import checkpoint as ckpt
+from .. import distributed as dist
 from ..data import epoch_order, load_dataset
 from ..errors import TrainingDiverged, UserError
 from ..losses import Loss
@@ -179,7 +180,7 @@ def json_safe(value: Any) -> Any:
 
 def prepare_run_dir(cfg: FixedPointConfig, out: str | Path | None) -> Path | None:
     """Create the run directory and save the resolved config there (None: write nothing)."""
-    if out is None:
+    if out is None or not dist.is_main():  # several processes: rank 0 writes
         return None
     path = ckpt.prepare_out_dir(out)
     text = json.dumps(json_safe(cfg.to_dict()), indent=2) + "\n"
@@ -246,7 +247,12 @@ def run_linear_teacher(cfg: FixedPointConfig, out: str | Path | None = None) -> 
 
 
 def run_mnist(cfg: FixedPointConfig, out: str | Path | None = None) -> RunOutcome:
-    """``cfg.epochs`` epochs of minibatch SGD on W; test loss/accuracy after every epoch."""
+    """``cfg.epochs`` epochs of minibatch SGD on W; test loss/accuracy after every epoch.
+
+    Under torchrun each rank trains on its shard of every batch (see
+    :mod:`decorrelate.distributed`).
+    """
+    dist.setup("cpu")  # no-op unless launched by torchrun
     cfg = cfg.resolved()
     path = prepare_run_dir(cfg, out)
     extra = SYNTHETIC if cfg.dataset == "synthetic" else {}
@@ -265,12 +271,14 @@ def run_mnist(cfg: FixedPointConfig, out: str | Path | None = None) -> RunOutcom
             total = torch.zeros((), dtype=torch.float64)
             correct = torch.zeros((), dtype=torch.int64)
             unsettled = torch.zeros((), dtype=torch.int64)
-            for x, y in train.batches(cfg.batch_size, order=order):
-                out = loop.step(x, y, epoch=epoch)
+            for x, y, shard in dist.shard_batches(train, cfg.batch_size, order):
+                out = loop.step(x, y, shard, epoch=epoch)
                 settled = loop.settled()
                 total += out.loss.double() * int(settled.sum())
                 correct += ((out.output.argmax(-1) == y) & settled).sum()
                 unsettled += (~settled).sum()
+            sums = dist.all_sum(torch.stack([total, correct.double(), unsettled.double()]))
+            total, correct, unsettled = sums[0], int(sums[1]), int(sums[2])
             running = {
                 "train_loss": float(total) / max(1, len(train) - int(unsettled)),
                 "train_acc": float(correct) / len(train),
@@ -318,16 +326,18 @@ def evaluate_fixed_points(
     counts as an error in the accuracy and is left out of the mean loss: the output of a network
     that does not settle is never used.
     """
-    total = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
-    unsettled = 0
-    for x, y in data.batches(batch_size):
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, unsettled
+    offset, size = dist.shard_bounds(len(data), dist.world_size(), dist.rank())
+    order = None if size == len(data) else torch.arange(offset, offset + size)
+    for x, y in data.batches(batch_size, order=order):  # several processes: a share each
         fp = model.fixed_point(x)
         ok = fp.usable
         out = model.read(fp.r)
-        total += loss(out[ok], y[ok], reduction="sum").double()
-        correct += ((out.argmax(-1) == y) & ok).sum()
-        unsettled += fp.num_failed
+        sums[0] += loss(out[ok], y[ok], reduction="sum").double()
+        sums[1] += ((out.argmax(-1) == y) & ok).sum()
+        sums[2] += fp.num_failed
+    total, correct, failed = dist.all_sum(sums).tolist()
+    unsettled = int(failed)
     n = max(1, len(data))
     return float(total) / max(1, n - unsettled), float(correct) / n, unsettled
 

@@ -52,7 +52,7 @@ from .methods import (
     split_blocks,
     zca_whitener,
 )
-from .sampling import choose, conv_patches, gather_rows, subsample_size
+from .sampling import choose, conv_patches, gather_rows, global_rows, subsample_size
 
 #: How many recent sample rows a decorrelator keeps for :meth:`Decorrelator.stats`.
 STATS_ROWS = 512
@@ -401,10 +401,16 @@ class DecorLinear(Decorrelator):
     def _capture(self, x: Tensor, z: Tensor | None) -> None:
         d = self.in_features
         rows = x.reshape(-1, d)
-        count = subsample_size(rows.shape[0], self.config.sample_frac)
+        # Under torch.distributed the choice is made on the global batch and each rank keeps
+        # the chosen rows it holds, so the gathered union is the single-process subsample.
+        per_sample = rows.shape[0] // max(1, x.shape[0]) if x.dim() > 1 else 1
+        offset, total = global_rows(x.shape[0] if x.dim() > 1 else 1, rows.shape[0], per_sample)
+        count = subsample_size(total, self.config.sample_frac)
         if x.dim() > 2:
             count = min(count, self.config.max_samples)
-        idx = choose(rows.shape[0], count, x.device, self._seed, int(self.num_updates), "rows")
+        idx = choose(total, count, x.device, self._seed, int(self.num_updates), "rows")
+        if total != rows.shape[0]:
+            idx = idx[(idx >= offset) & (idx < offset + rows.shape[0])] - offset
         self._store(rows[idx], None if z is None else z.reshape(-1, d)[idx])
 
 
@@ -445,9 +451,16 @@ class DecorConv2d(Decorrelator):
     def _capture(self, x: Tensor) -> None:
         batch = x.detach() if x.dim() == 4 else x.detach().unsqueeze(0)
         step = int(self.num_updates)
-        count = subsample_size(batch.shape[0], self.config.sample_frac)
-        images = choose(batch.shape[0], count, x.device, self._seed, step, "images")
+        offset, total = global_rows(batch.shape[0], batch.shape[0], 1)  # images of the batch
+        count = subsample_size(total, self.config.sample_frac)
+        images = choose(total, count, x.device, self._seed, step, "images")
         patches = conv_patches(
-            batch, self.layer, self.config.max_samples, self._seed, step, images=images
+            batch,
+            self.layer,
+            self.config.max_samples,
+            self._seed,
+            step,
+            images=images,
+            image_offset=None if total == batch.shape[0] else offset,
         )
         self._store(patches, None)

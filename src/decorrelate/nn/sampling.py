@@ -25,6 +25,21 @@ def subsample_size(total: int, frac: float) -> int:
     return min(total, math.floor(frac * total) + 1)
 
 
+def global_rows(batch: int, rows: int, per_sample: int) -> tuple[int, int]:
+    """(offset, total) of this rank's ``rows`` within the global batch's rows.
+
+    Without a distributed batch shard (see :func:`decorrelate.distributed.batch_shard`), or when
+    the input is not the sharded batch (``batch`` differs from the shard's size), the rows are
+    all there is: (0, rows).
+    """
+    from ..distributed import current_shard
+
+    shard = current_shard()
+    if shard is None or batch != shard.size:
+        return 0, rows
+    return shard.offset * per_sample, shard.total * per_sample
+
+
 def choose(total: int, count: int, device: torch.device, seed: int, *tags: object) -> Tensor:
     """``count`` distinct indices in ``range(total)``, reproducible from (seed, *tags)."""
     if count >= total:
@@ -51,15 +66,24 @@ def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
 
 
 def conv_patches(
-    x: Tensor, conv: nn.Conv2d, count: int, seed: int, step: int, images: Tensor | None = None
+    x: Tensor,
+    conv: nn.Conv2d,
+    count: int,
+    seed: int,
+    step: int,
+    images: Tensor | None = None,
+    image_offset: int | None = None,
 ) -> Tensor:
     """``count`` random patches [count, C·kh·kw] of batch ``x``, as ``conv`` sees them.
 
-    ``images`` indexes the batch elements to sample from (default: all). Patches are gathered
-    straight from ``x`` with one flat index (positions in the zero padding read as 0), so no
-    image is copied, padded or unfolded. The flattening order (channel, row, column) matches
-    ``conv.weight.reshape(C_out, -1)`` and ``F.unfold``. At most all k·H_out·W_out patches are
-    returned.
+    ``images`` indexes the batch elements to sample from (default: all). With ``image_offset``
+    (a rank's shard of a global batch), ``images`` are global indices and ``x`` holds the
+    images from ``image_offset`` on: the patches are chosen among all ``images`` and only those
+    of images in ``x`` are returned, so the ranks' patches together are the single-process
+    choice. Patches are gathered straight from ``x`` with one flat index (positions in the zero
+    padding read as 0), so no image is copied, padded or unfolded. The flattening order
+    (channel, row, column) matches ``conv.weight.reshape(C_out, -1)`` and ``F.unfold``. At most
+    all k·H_out·W_out patches are returned.
     """
     x = x.contiguous()
     batch, channels, height, width = x.shape
@@ -75,6 +99,10 @@ def conv_patches(
     pos = choose(images.numel() * out_h * out_w, count, device, seed, step, "positions")
     img = images[pos // (out_h * out_w)]
     rem = pos % (out_h * out_w)
+    if image_offset is not None:
+        img = img - image_offset
+        mine = (img >= 0) & (img < batch)
+        img, rem = img[mine], rem[mine]
     rows = (rem // out_w * sh - top).unsqueeze(1) + torch.arange(kh, device=device) * dh
     cols = (rem % out_w * sw - left).unsqueeze(1) + torch.arange(kw, device=device) * dw
     inside = ((rows >= 0) & (rows < height)).unsqueeze(2) & ((cols >= 0) & (cols < width))[
@@ -86,7 +114,7 @@ def conv_patches(
         + rows.clamp(0, height - 1)[:, None, :, None]
     ) * width + cols.clamp(0, width - 1)[:, None, None, :]
     patches = x.reshape(-1)[flat] * inside.unsqueeze(1)
-    return patches.reshape(pos.numel(), channels * kh * kw)
+    return patches.reshape(img.numel(), channels * kh * kw)
 
 
 def gather_rows(rows: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ from .base import LearningRule, StepOutput, register_rule
 class Backprop(LearningRule):
     """Ordinary backprop: one forward pass, ``loss.backward()`` fills ``.grad``."""
 
+    ddp_autograd = True
+
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         output = model(x)
         loss = self.loss(output, y)

@@ -74,6 +74,10 @@ class LearningRule:
     name: ClassVar[str] = ""
     #: True if the rule only runs forward passes (no autograd graph is built).
     forward_only: ClassVar[bool] = False
+    #: True if ``.grad`` comes from one ``backward()`` through the model's forward, which
+    #: DistributedDataParallel all-reduces as it runs; False: the rule writes ``.grad`` itself
+    #: and the training loop all-reduces it explicitly (see :mod:`decorrelate.distributed`).
+    ddp_autograd: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None

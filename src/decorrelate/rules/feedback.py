@@ -95,6 +95,7 @@ class _FeedbackRule(LearningRule):
     """Shared machinery: feedback points, input detaching hooks, feedback buffers."""
 
     buffer_name = ""
+    ddp_autograd = True  # one backward() through the (wrapped) model, routed by hooks
 
     def __init__(self, feedback_init: str = "uniform", feedback_scale: float = 1.0) -> None:
         super().__init__()

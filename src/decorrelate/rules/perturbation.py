@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import current_shard
 from ..errors import UserError
 from .base import LearningRule, StepOutput, register_rule
 from .layers import accumulate_grad, inner_layer, local_weight_grad, trainable_layers
@@ -178,7 +179,13 @@ class _Injector:
         self.draws: dict[int, tuple[Tensor, tuple[int, ...], torch.device, torch.dtype]] = {}
 
     def _draw(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-        return self.sigma * self.sampler(shape, self.generator, device, dtype)
+        shard = current_shard()
+        if shard is None or shape[1] != shard.size or shard.total == shard.size:
+            return self.sigma * self.sampler(shape, self.generator, device, dtype)
+        # One rank of several: draw for the global batch, as a single process would, and keep
+        # this rank's rows, so every sample gets its own noise and the run equals the 1-process one.
+        full = self.sampler((shape[0], shard.total, *shape[2:]), self.generator, device, dtype)
+        return self.sigma * full[:, shard.offset : shard.offset + shard.size]
 
     def add(self, index: int, out: Tensor, copies: list[int], batch: int) -> Tensor:
         if not copies:
