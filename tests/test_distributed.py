@@ -140,3 +140,18 @@ def test_shards_cover_the_batch_and_too_small_batches_are_refused():
     ]
     with pytest.raises(Exception, match="smaller than the 4 processes"):
         distributed.check_batch_size(3, 4)
+
+
+def test_nproc_relaunches_the_same_command_under_torchrun(monkeypatch):
+    import subprocess as sp
+
+    from decorrelate import cli
+
+    seen = []
+    monkeypatch.setattr(sp, "call", lambda command: seen.append(command) or 0)
+    argv = ["train", "--nproc", "3", "--rule", "anp", "--nproc=3", "--epochs", "1"]
+    assert cli.main(argv) == 0
+    (command,) = seen
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
+    assert command[5:] == ["-m", "decorrelate", "train", "--rule", "anp", "--epochs", "1"]
+    assert cli.main(["train", "--nproc", "0"]) == cli.EXIT_USER
