@@ -87,7 +87,14 @@ def setup(device: str = "auto", timeout: float = 300.0, backend: str = "auto") -
 
 
 def teardown() -> None:
+    """Leave the process group; every rank waits for the others first.
+
+    Without the barrier a rank that finishes early tears its connections down while a peer is
+    still in a collective or in its own teardown, and gloo can abort that peer at exit.
+    """
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
