@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,11 @@ def runs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node=2", str(WORKER), str(root / "two"), json.dumps(cases)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
+        # gloo's C++ teardown has been seen to abort a rank at exit, after all its work was
+        # done (once in ~10 launches before teardown() gained its barrier): launch once more.
+        shutil.rmtree(root / "two", ignore_errors=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     out = {}
     for name, options in cases.items():
