@@ -317,7 +317,9 @@ class Trainer:
                 bar.update()
         finally:
             self.loss.scale = 1.0
-        totals = dist.all_sum(torch.stack([loss_sum, correct.double(), torch.tensor(seen + 0.0)]))
+        totals = dist.all_sum(
+            torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=self.device)])
+        )
         loss_sum, correct, seen = totals[0], int(totals[1]), int(totals[2])
         if not torch.isfinite(loss_sum):
             self._diverged(epoch, total - 1, loss_sum)
