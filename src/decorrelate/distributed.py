@@ -149,6 +149,12 @@ def shard_bounds(total: int, world: int, rank: int) -> tuple[int, int]:
     return offset, size
 
 
+def shard_order(total: int) -> Tensor | None:
+    """Indices of this rank's contiguous share of ``total`` examples (None: all, one process)."""
+    offset, size = shard_bounds(total, world_size(), rank())
+    return None if size == total else torch.arange(offset, offset + size)
+
+
 def shard_batches(
     data: Any, batch_size: int, order: Tensor
 ) -> Iterator[tuple[Tensor, Tensor, BatchShard | None]]:

@@ -160,9 +160,7 @@ def evaluate(model: nn.Module, data: Dataset, loss: Loss, batch_size: int) -> tu
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=data.x.device)  # loss, correct
-    offset, size = dist.shard_bounds(len(data), dist.world_size(), dist.rank())
-    order = None if size == len(data) else torch.arange(offset, offset + size)
-    for x, y in data.batches(batch_size, order=order):
+    for x, y in data.batches(batch_size, order=dist.shard_order(len(data))):
         out = model(x)
         sums[0] += loss(out, y, reduction="sum").double()
         sums[1] += (out.argmax(-1) == y).sum()

@@ -327,9 +327,8 @@ def evaluate_fixed_points(
     that does not settle is never used.
     """
     sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, unsettled
-    offset, size = dist.shard_bounds(len(data), dist.world_size(), dist.rank())
-    order = None if size == len(data) else torch.arange(offset, offset + size)
-    for x, y in data.batches(batch_size, order=order):  # several processes: a share each
+    # several processes: a share each
+    for x, y in data.batches(batch_size, order=dist.shard_order(len(data))):
         fp = model.fixed_point(x)
         ok = fp.usable
         out = model.read(fp.r)

@@ -132,7 +132,7 @@ class Decorrelator(nn.Module):
         """``rows`` [..., d] times R (or Rᵀ), R full or block-diagonal, in ``rows``' dtype."""
         R = self.R.to(rows.dtype)
         if self.blocks == 1:
-            return rows @ (R.T if transpose else R)
+            return F.linear(rows, R) if transpose else rows @ R
         split = rows.reshape(*rows.shape[:-1], self.blocks, self.block)
         pattern = "...kb,kcb->...kc" if transpose else "...kb,kbc->...kc"
         return torch.einsum(pattern, split, R).reshape(rows.shape)
@@ -160,7 +160,7 @@ class Decorrelator(nn.Module):
     def weight_grad(self, effective_grad: Tensor) -> Tensor:
         """∂L/∂W from ∂L/∂W_eff: multiply by Rᵀ (for rules that write ``.grad`` themselves)."""
         g = effective_grad.reshape(effective_grad.shape[0], -1)
-        return self._times(g, transpose=True).reshape(effective_grad.shape)
+        return self.transform(g).reshape(effective_grad.shape)
 
     def dense_R(self) -> Tensor:
         """R as a full d×d matrix (block-diagonal layouts expanded; for tests and analysis)."""
@@ -393,7 +393,7 @@ class DecorLinear(Decorrelator):
             if capture:
                 self._capture(x, None)
             return F.linear(x, self.fold(self.layer.weight), self.layer.bias)
-        z = F.linear(x, self.R) if self.blocks == 1 else self.transform(x)  # x Rᵀ
+        z = self.transform(x)
         if capture:
             self._capture(x, z)
         return F.linear(z, self.layer.weight, self.layer.bias)
@@ -403,8 +403,8 @@ class DecorLinear(Decorrelator):
         rows = x.reshape(-1, d)
         # Under torch.distributed the choice is made on the global batch and each rank keeps
         # the chosen rows it holds, so the gathered union is the single-process subsample.
-        per_sample = rows.shape[0] // max(1, x.shape[0]) if x.dim() > 1 else 1
-        offset, total = global_rows(x.shape[0] if x.dim() > 1 else 1, rows.shape[0], per_sample)
+        batch = x.shape[0] if x.dim() > 1 else 1
+        offset, total = global_rows(batch, rows.shape[0], rows.shape[0] // batch)
         count = subsample_size(total, self.config.sample_frac)
         if x.dim() > 2:
             count = min(count, self.config.max_samples)
