@@ -239,17 +239,15 @@ def test_truncated_gzip_with_matching_md5_is_a_data_error(isolated, fake_mnist, 
 
 
 def test_missing_data_message_lists_files_places_and_advice(isolated, tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
     with pytest.raises(DataError) as info:
-        data.load_dataset("mnist", data_dir=empty)
+        data.load_dataset("mnist")
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("MNIST not found")
     for fname in data.IDX_FILES:
         assert fname in message
     assert "--data-dir" in message and "DECORRELATE_DATA" in message
-    assert str(empty / "mnist") in message and str(isolated / "data" / "mnist") in message
+    assert str(isolated / "data" / "mnist") in message
     assert str(tmp_path / "work" / "shared" / "data") in message  # ../shared/data, normalised
     assert "DECORRELATE_NO_DOWNLOAD" in message
 
@@ -289,11 +287,14 @@ def test_data_dir_may_point_at_the_dataset_folder_itself(isolated, fake_mnist):
     assert data.resolve_root("mnist", str(fake_mnist)) == fake_mnist
 
 
-def test_incomplete_data_dir_falls_through_to_next_root(isolated, tmp_path, fake_mnist):
+def test_incomplete_data_dir_is_an_error_not_a_fall_back(isolated, tmp_path, fake_mnist):
+    # an explicit location is authoritative: a complete copy elsewhere is not used instead
     partial = copy_idx_set(fake_mnist, tmp_path / "partial" / "mnist")
     (partial / "train-images-idx3-ubyte.gz").unlink()
-    complete = copy_idx_set(fake_mnist, isolated / "data" / "mnist")
-    assert data.resolve_root("mnist", partial.parent) == complete
+    copy_idx_set(fake_mnist, isolated / "data" / "mnist")
+    assert data.resolve_root("mnist", partial.parent) is None
+    with pytest.raises(DataError, match=r"mnist lacks train-images-idx3-ubyte\.gz"):
+        data.load_dataset("mnist", data_dir=partial.parent)
 
 
 # ------------------------------------------------------------------------------------------

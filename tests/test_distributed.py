@@ -149,15 +149,16 @@ def test_shards_cover_the_batch_and_too_small_batches_are_refused():
 
 
 def test_nproc_relaunches_the_same_command_under_torchrun(monkeypatch):
-    import subprocess as sp
+    from torch.distributed import run as torchrun
 
     from decorrelate import cli
 
     seen = []
-    monkeypatch.setattr(sp, "call", lambda command: seen.append(command) or 0)
+    monkeypatch.setattr(torchrun, "run", lambda args: seen.append(args))
     argv = ["train", "--nproc", "3", "--rule", "anp", "--nproc=3", "--epochs", "1"]
     assert cli.main(argv) == 0
-    (command,) = seen
-    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
-    assert command[5:] == ["-m", "decorrelate", "train", "--rule", "anp", "--epochs", "1"]
+    (args,) = seen  # torchrun's own arguments, run by its agent in the launching process
+    assert args.standalone and args.nproc_per_node == "3"
+    assert args.module and args.training_script == "decorrelate"
+    assert args.training_script_args == ["train", "--rule", "anp", "--epochs", "1"]
     assert cli.main(["train", "--nproc", "0"]) == cli.EXIT_USER

@@ -295,11 +295,15 @@ def test_noise_from_the_command_line_trace_file_and_import_path(tiny, tmp_path, 
     assert perturbation.noise_source("my_noise:uniform").__name__ == "uniform"
     for bad, message in [
         ("missing.pt", "not found"),
-        ("my_noise:nope", "cannot import"),
+        ("my noise:x", "module:function"),
         ("pink", "unknown noise"),
     ]:
         with pytest.raises(UserError, match=message):
             make_config({"rule": "np", "np_noise": bad})
+    # an import path is imported only when a run uses it (set-up), never while validating
+    make_config({"rule": "np", "np_noise": "my_noise:nope"})
+    with pytest.raises(UserError, match="cannot import"):
+        perturbation.noise_source("my_noise:nope")
     # a run driven by a trace resumes exactly: the replay position is part of the rule state
     opts = {**tiny, "rule": "anp", "np_noise": str(tmp_path / "noise.pt"), "np_sigma": 0.05}
     straight = train({**opts, "out": str(tmp_path / "a")}, log=None)

@@ -1,7 +1,10 @@
-"""Atomic checkpoints and run-directory files.
+"""Atomic checkpoints, run-directory files and the run-directory lock.
 
 A checkpoint is written to a temporary file in the run directory and renamed over the old one, so a
 crash (or a diverged step) never leaves a half-written file: the last good checkpoint survives.
+Checkpoints are read with ``weights_only=True``: tensors, numbers, strings and containers only, so
+opening one never runs code. A run holds an exclusive lock on its directory (:class:`RunLock`) so
+that two runs never write into the same folder.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,13 +54,52 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / CHECKPOINT
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"cannot read checkpoint {path}: the file is empty")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot read checkpoint {path}: {describe_load_error(err)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise UserError(f"{path} is not a decorrelate checkpoint (format {FORMAT_VERSION})")
     return state
+
+
+def describe_load_error(err: BaseException) -> str:
+    """One line for an exception of ``torch.load(..., weights_only=True)``.
+
+    PyTorch's own message spans many lines and advises retrying with ``weights_only=False``,
+    which would run whatever code the file names; we name the refused object instead.
+    """
+    text = str(err).strip()
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return (
+            f"it holds a Python object ({refused.group(1)}) that is not a tensor, number or "
+            "string; such files are refused because loading them could run code"
+        )
+    if "weights_only" in text or "Weights only load failed" in text:
+        return "it holds Python objects that are not tensors, numbers or strings (refused)"
+    if not text:
+        return {"EOFError": "the file ends early (empty or truncated)"}.get(
+            type(err).__name__, type(err).__name__
+        )
+    return text.splitlines()[0]
+
+
+def load_weights(module: torch.nn.Module, weights: Any, path: str | Path) -> None:
+    """``module.load_state_dict(weights)``, or one UserError line when they do not fit."""
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [
+            str(err).strip() or type(err).__name__
+        ]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(
+            f"the weights in {path} do not match the model its config describes: "
+            f"{problems[0].rstrip('.')}{more}"
+        ) from None
 
 
 def _json_safe(value: Any) -> Any:
@@ -97,3 +140,46 @@ def prepare_out_dir(path: str | Path) -> Path:
     except OSError as err:
         raise UserError(f"cannot write to output directory {path}: {err.strerror or err}") from None
     return path
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held by the one run that writes there.
+
+    ``flock`` on the directory itself: no lock file is left behind, and the operating system
+    drops the lock when the process ends in any way (``kill -9`` included), so a lock is never
+    stale. A second run on the same directory fails at once with one line. Under
+    torch.distributed only rank 0 takes it (rank 0 alone writes). Where ``fcntl`` does not
+    exist (Windows) runs are not locked.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(
+                f"{self.path} is in use by another decorrelate run; wait for it to finish or "
+                "choose another --out"
+            ) from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

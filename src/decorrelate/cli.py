@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -168,8 +170,15 @@ def _split(text: str) -> list[str]:
 
 
 def _launch(nproc: int, argv: Sequence[str]) -> int:
-    """Re-run this ``train`` command under torchrun on ``nproc`` local processes."""
-    import subprocess
+    """Re-run this ``train`` command on ``nproc`` local processes under torchrun's agent.
+
+    The agent runs in this process (``torch.distributed.run``, as the ``torchrun`` command
+    would), so a SIGTERM, SIGINT or SIGHUP sent to ``decorrelate train --nproc`` reaches it: it
+    passes the signal on to the workers and waits for them (SIGKILL after its shutdown timeout,
+    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, 30 s), so no worker trains on after the command ended.
+    A failed worker ends the job in one line (:func:`_report_failure`), not torchrun's traceback.
+    """
+    import logging
 
     from . import distributed
 
@@ -185,9 +194,64 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
             skip = True
         elif not item.startswith("--nproc="):
             rest.append(item)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={nproc}", "-m", "decorrelate", *rest]
-    return subprocess.call(command)
+    command = ["--standalone", f"--nproc-per-node={nproc}", "-m", "decorrelate", *rest]
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    previous = os.environ.get(distributed.LAUNCHER_ENV)
+    os.environ[distributed.LAUNCHER_ENV] = "1"  # inherited by the workers
+    logging.disable(logging.CRITICAL)  # the agent's own log lines; we report in one line
+    try:
+        torchrun.run(torchrun.parse_args(command))
+    except ChildFailedError as err:
+        return _report_failure(err.failures)
+    except SignalException as err:
+        name = signal.Signals(err.sigval).name
+        print(
+            f"decorrelate: interrupted ({name}); the {nproc} processes were stopped and the last "
+            "finished epoch's checkpoint is kept",
+            file=sys.stderr,
+        )
+        return 128 + int(err.sigval)
+    finally:
+        logging.disable(logging.NOTSET)
+        if previous is None:
+            os.environ.pop(distributed.LAUNCHER_ENV, None)
+        else:
+            os.environ[distributed.LAUNCHER_ENV] = previous
+    return 0
+
+
+def _report_failure(failures: dict[int, Any]) -> int:
+    """Exit code (and, for a lost process, one line) for the workers that failed.
+
+    Workers that stopped on an error of their own (bad input, divergence) have already said so
+    in one line: their exit code is passed on. A worker killed by a signal, or one that gave up
+    on a peer (:data:`decorrelate.distributed.EXIT_PEER_LOST`), is reported here, with every
+    failed rank and what ended it.
+    """
+    from .distributed import EXIT_PEER_LOST
+
+    codes = {rank: failure.exitcode for rank, failure in failures.items()}
+    if all(code > 0 and code != EXIT_PEER_LOST for code in codes.values()):
+        return max(codes.values())
+    parts = []
+    for rank in sorted(failures):
+        code = codes[rank]
+        if code < 0:
+            what = f"ended by {failures[rank].signal_name()}"
+        elif code == EXIT_PEER_LOST:
+            what = "lost its peers"
+        else:
+            what = f"exit code {code}"
+        parts.append(f"rank {rank} {what}")
+    print(
+        f"decorrelate: error: a peer process died or stopped responding ({'; '.join(parts)}); "
+        "the last checkpoint is kept",
+        file=sys.stderr,
+    )
+    return EXIT_PEER_LOST
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -335,6 +399,18 @@ COMMANDS = {
 }
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) during ``train``: unwind like Ctrl-C, so files are left complete."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from . import distributed
 
@@ -345,8 +421,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USER
-    # Under torchrun every rank fails alike; one of them says so.
-    say = distributed.is_main
+    handlers = {}
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if args.command == "train" and getattr(args, "nproc", 1) == 1 and in_main_thread:
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                handlers[sig] = signal.signal(sig, _raise_terminated)
+    code = 1  # an unexpected exception propagates with its traceback
+    try:
+        code = _run_command(args)
+        return code
+    finally:
+        distributed.teardown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if distributed.broken():  # the group is gone: do not wait in its destructor
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the command; every expected failure becomes one line and an exit code."""
+    from . import distributed
+
+    say = distributed.is_main  # under torchrun every rank fails alike; one of them says so
     try:
         return COMMANDS[args.command](args)
     except (UserError, DataError) as err:
@@ -357,14 +456,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if say():
             print(f"decorrelate: diverged: {err}", file=sys.stderr)
         return EXIT_DIVERGED
-    except KeyboardInterrupt:
-        print(
-            "decorrelate: interrupted; the last finished epoch's checkpoint is kept",
-            file=sys.stderr,
-        )
-        return 130
-    finally:
-        distributed.teardown()
+    except KeyboardInterrupt as err:
+        signum = err.signum if isinstance(err, _Terminated) else int(signal.SIGINT)
+        if distributed.launched():
+            distributed.mark_failed()  # the peers are being stopped too: no closing barrier
+        if say() and not distributed.under_launcher():  # the launcher says it once for all
+            print(
+                "decorrelate: interrupted; the last finished epoch's checkpoint is kept",
+                file=sys.stderr,
+            )
+        return 128 + signum
+    except Exception as err:
+        if not distributed.is_peer_failure(err):
+            raise
+        distributed.mark_failed()
+        if not distributed.under_launcher():
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(
+                f"decorrelate: error: a peer process died or stopped responding (rank "
+                f"{distributed.rank()} saw: {first[:200]}); the last checkpoint is kept",
+                file=sys.stderr,
+            )
+        return distributed.EXIT_PEER_LOST
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, code_references
 from .errors import TrainingDiverged, UserError
 from .plotting import plot_angles, plot_curves
 from .train import RESUME_OVERRIDES, Log, resume, train
@@ -69,7 +69,9 @@ def _run_one(cfg: TrainConfig, log: Log | None, progress: bool | None) -> list[d
             raise UserError(f"{out} holds a different run; choose another --out for this grid")
         if state["epoch"] >= cfg.epochs:
             return state["history"][: cfg.epochs + 1]
-        return resume(out, {"epochs": cfg.epochs}, log=log, progress=progress).history
+        # the grid's own options (the user's): a sampler it names may be imported on resume
+        given = {"epochs": cfg.epochs, **code_references(cfg)}
+        return resume(out, given, log=log, progress=progress).history
     return train(cfg, log=log, progress=progress).history
 
 

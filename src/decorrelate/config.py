@@ -76,6 +76,7 @@ def _feedback_inits() -> tuple[str, ...]:
 
 
 def _check_noise(value: Any) -> str | None:
+    """Checks the form of a noise source; never imports (see :func:`code_references`)."""
     from .rules.perturbation import NOISES, resolve_noise_spec
 
     try:
@@ -83,6 +84,12 @@ def _check_noise(value: Any) -> str | None:
     except UserError as exc:
         return f"{exc}; or one of: {', '.join(NOISES)}"
     return None
+
+
+def _names_code(value: Any) -> bool:
+    from .rules.perturbation import is_import_spec
+
+    return is_import_spec(value)
 
 
 def _losses() -> tuple[str, ...]:
@@ -109,8 +116,13 @@ def opt(
     check: Callable[[Any], str | None] | None = None,
     optional: bool = False,
     group: str = "training",
+    code: Callable[[Any], bool] | None = None,
 ) -> Any:
-    """A config field with what the CLI and the validator need to know about it."""
+    """A config field with what the CLI and the validator need to know about it.
+
+    ``code(value)`` is true when the value names Python code to import (see
+    :func:`code_references`).
+    """
     meta = {
         "help": help,
         "kind": kind,
@@ -118,6 +130,7 @@ def opt(
         "check": check,
         "optional": optional,
         "group": group,
+        "code": code,
     }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -309,6 +322,7 @@ class TrainConfig:
         "str",
         check=_check_noise,
         group="rule",
+        code=_names_code,
     )
     np_inaccessible: bool = opt(
         False,
@@ -399,6 +413,22 @@ class TrainConfig:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def code_references(config: TrainConfig) -> dict[str, str]:
+    """The options of ``config`` whose values name Python code to import (``module:function``).
+
+    Validating a config never imports anything; the code is imported only when a run uses it.
+    A config read from a checkpoint must not decide that on its own: :func:`decorrelate.resume`
+    asks the user to name these values themselves.
+    """
+    refs = {}
+    for name, f in FIELDS.items():
+        names_code = f.metadata.get("code")
+        value = getattr(config, name)
+        if names_code is not None and value is not None and names_code(value):
+            refs[name] = value
+    return refs
 
 
 def choices_of(name: str) -> tuple[str, ...] | None:

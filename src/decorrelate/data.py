@@ -7,14 +7,16 @@ for (Fashion-)MNIST, the python-pickle tarball or its extracted folder for CIFAR
 before use, so a missing, truncated or corrupt file ends in one :class:`DataError` line that names
 the file, never in a numpy or gzip traceback.
 
-Where files are looked for (first directory that holds all required files wins):
+Where files are looked for:
 
-1. the ``data_dir`` argument (``--data-dir``),
-2. ``$DECORRELATE_DATA``,
-3. ``./data`` and ``../shared/data`` relative to the working directory,
-4. a ``shared/data`` folder beside an ancestor of this source file (:data:`SHARED_FALLBACK_ROOTS`),
+1. the ``data_dir`` argument (``--data-dir``), else ``$DECORRELATE_DATA``. A location given this
+   way is authoritative: it is the only one searched, and when it is missing or incomplete the
+   error names it and the missing files (never a silent fall-back to another copy or a download).
+   Without one, the first directory that holds all required files wins:
+2. ``./data`` and ``../shared/data`` relative to the working directory,
+3. a ``shared/data`` folder beside an ancestor of this source file (:data:`SHARED_FALLBACK_ROOTS`),
    so a checkout finds the shared copy from any working directory,
-5. for MNIST and Fashion-MNIST only: a download into ``./data/<name>/`` (md5-checked), unless
+4. for MNIST and Fashion-MNIST only: a download into ``./data/<name>/`` (md5-checked), unless
    ``download=False`` or ``$DECORRELATE_NO_DOWNLOAD`` is set.
 
 In each root both ``<root>/<name>/`` and ``<root>/`` itself are tried, so ``--data-dir`` may point
@@ -392,19 +394,29 @@ def _find_shared_roots() -> list[Path]:
     return []
 
 
-#: Source-relative fallback roots (step 4 of the search); tests set this to ``[]``.
+#: Source-relative fallback roots (step 3 of the search); tests set this to ``[]``.
 SHARED_FALLBACK_ROOTS: list[Path] = _find_shared_roots()
 
 
-def _candidate_roots(data_dir: str | Path | None) -> list[Path]:
-    """The roots to search, in priority order, absolute and without duplicates."""
-    roots: list[Path] = []
+def _explicit_root(data_dir: str | Path | None) -> tuple[Path, str] | None:
+    """The location the user named (``--data-dir``, else ``$DECORRELATE_DATA``) and how."""
     if data_dir is not None and str(data_dir) != "":
-        roots.append(Path(data_dir).expanduser())
+        return Path(os.path.abspath(Path(data_dir).expanduser())), "--data-dir"
     env_dir = os.environ.get("DECORRELATE_DATA", "")
     if env_dir:
-        roots.append(Path(env_dir).expanduser())
-    roots += [Path("data"), Path("..") / "shared" / "data", *SHARED_FALLBACK_ROOTS]
+        return Path(os.path.abspath(Path(env_dir).expanduser())), "DECORRELATE_DATA"
+    return None
+
+
+def _candidate_roots(data_dir: str | Path | None) -> list[Path]:
+    """The roots to search, in priority order, absolute and without duplicates.
+
+    An explicit location (:func:`_explicit_root`) is the only root: it is authoritative.
+    """
+    explicit = _explicit_root(data_dir)
+    if explicit is not None:
+        return [explicit[0]]
+    roots = [Path("data"), Path("..") / "shared" / "data", *SHARED_FALLBACK_ROOTS]
     return _unique_absolute(roots)
 
 
@@ -465,6 +477,9 @@ def _find_or_download(key: str, data_dir: str | Path | None, download: bool) -> 
     for directory in dirs:
         if _has_required_files(key, directory):
             return directory
+    explicit = _explicit_root(data_dir)
+    if explicit is not None:
+        raise DataError(_one_line(_explicit_missing_message(key, *explicit, dirs)))
     note = ""
     if key in IDX_MIRRORS:
         if not download:
@@ -503,6 +518,28 @@ def _not_found_message(key: str, looked: list[Path], searched: list[Path]) -> st
     return (
         f"{display} not found: need {need} in one of: {', '.join(map(str, looked))}{partial}; "
         f"{advice} or pass --data-dir / set DECORRELATE_DATA"
+    )
+
+
+def _explicit_missing_message(key: str, root: Path, source: str, searched: list[Path]) -> str:
+    """One line: the named location lacks the data set; which files, and what exists there."""
+    display = _DISPLAY_NAMES[key]
+    if key in _CIFAR:
+        spec = _CIFAR[key]
+        need = f"{spec.tarball} or the extracted folder {spec.folder}/ ({', '.join(spec.files)})"
+    else:
+        need = ", ".join(IDX_FILES)
+    if not root.exists():
+        found = f"{root} does not exist"
+    elif not root.is_dir():
+        found = f"{root} is not a directory"
+    else:
+        found = _partial_copies(key, searched).strip(" ()") or "none of these files is there"
+    looked = ", ".join(map(str, _looked_dirs(key, root)))
+    return (
+        f"{display} not found in {source} {root}: {found}; need {need} in one of: {looked}. "
+        f"A location given by --data-dir or DECORRELATE_DATA is the only one searched: fix it, "
+        "or leave it unset to search ./data and ../shared/data"
     )
 
 

@@ -23,7 +23,9 @@ Every rank holds the whole model and the whole in-memory dataset; each global ba
 * feedback matrices and frozen twins come from the run seed, identical everywhere.
 
 Rank 0 alone logs, plots and writes checkpoints. Collectives time out after ``--dist-timeout``
-seconds, so a rank that died ends the job with an error instead of a hang.
+seconds, so a rank that died ends the job with an error instead of a hang. After such a failure
+(:func:`is_peer_failure`) a rank leaves without waiting for the others (:func:`mark_failed`):
+the group is broken, and one more collective would only fail again.
 """
 
 from __future__ import annotations
@@ -74,8 +76,10 @@ def setup(device: str = "auto", timeout: float = 300.0, backend: str = "auto") -
     ``backend`` auto: nccl when training on CUDA, gloo otherwise. Each rank then uses GPU
     ``LOCAL_RANK`` (see :func:`local_device`).
     """
+    global _FAILED
     if not launched() or (dist.is_available() and dist.is_initialized()):
         return
+    _FAILED = False
     if not dist.is_available():
         raise UserError("this PyTorch build has no torch.distributed support")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -86,16 +90,75 @@ def setup(device: str = "auto", timeout: float = 300.0, backend: str = "auto") -
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
 
 
+#: Set in the workers by ``decorrelate train --nproc`` (:func:`decorrelate.cli.launch`): the
+#: launcher reports a lost peer or an interruption itself, in one line for the whole job.
+LAUNCHER_ENV = "DECORRELATE_LAUNCHER"
+
+#: Exit code of a rank that gave up because a peer died or stopped responding.
+EXIT_PEER_LOST = 4
+
+_FAILED = False
+
+
+def mark_failed() -> None:
+    """The group is broken (a peer died, a collective timed out, or we were interrupted).
+
+    :func:`teardown` then leaves without its barrier, which could only fail or hang again.
+    """
+    global _FAILED
+    _FAILED = True
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank died or went silent.
+
+    Only meaningful inside a multi-process group; c10d raises :class:`DistError` subclasses
+    or, for gloo's transport, plain RuntimeErrors naming the lost connection or the timeout.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        marker in text
+        for marker in (
+            "Connection closed by peer",
+            "Connection reset by peer",
+            "Broken pipe",
+            "Timed out waiting",
+            "timed out",
+            "gloo/transport",
+            "NCCL communicator",
+        )
+    )
+
+
+def under_launcher() -> bool:
+    """True in a worker started by ``decorrelate train --nproc`` (see :data:`LAUNCHER_ENV`)."""
+    return launched() and os.environ.get(LAUNCHER_ENV) == "1"
+
+
 def teardown() -> None:
     """Leave the process group; every rank waits for the others first.
 
     Without the barrier a rank that finishes early tears its connections down while a peer is
-    still in a collective or in its own teardown, and gloo can abort that peer at exit.
+    still in a collective or in its own teardown, and gloo can abort that peer at exit. After a
+    failure (:func:`mark_failed`) there is no barrier: the peers are gone or broken.
     """
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _FAILED:
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def broken() -> bool:
+    """Whether :func:`mark_failed` was called: this process should leave at once.
+
+    A normal interpreter exit would wait (tens of seconds) in the process group's destructor
+    for the peer that is gone; :func:`decorrelate.cli.main` then ends with ``os._exit``.
+    """
+    return _FAILED
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -108,6 +171,19 @@ def local_device(device: torch.device) -> torch.device:
 def barrier() -> None:
     if active():
         dist.barrier()
+
+
+def from_main(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself alone.
+
+    Used for decisions only rank 0 can make (it alone locks and writes the run directory), so
+    that every rank acts on the same answer.
+    """
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ----------------------------------------------------------------------------- batch shards

@@ -397,12 +397,19 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.rule.load_state_dict(state["rule"])
+    def load_state_dict(self, state: dict[str, Any], where: str | Path = "the checkpoint") -> None:
+        """Restore a :meth:`state_dict`; a state that does not fit this run is one UserError."""
+        ckpt.load_weights(self.model, state["model"], where)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.rule.load_state_dict(state["rule"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"the training state in {where} does not match its config: {first}"
+            ) from None
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -488,18 +495,25 @@ def train(
     cfg = config if isinstance(config, TrainConfig) else make_config(config or {})
     dist.setup(cfg.device, cfg.dist_timeout, cfg.dist_backend)
     out = ckpt.prepare_out_dir(cfg.out or cfg.default_out())
-    if (out / ckpt.CHECKPOINT).exists() and not overwrite:
-        raise UserError(
-            f"{out} already holds a run; continue it with --resume {out} or pass --overwrite"
-        )
-    dist.barrier()  # every rank has checked before rank 0 writes anything
-    cfg = cfg.replace(out=str(out))
-    trainer = Trainer(cfg, data=data, log=log, progress=progress)
-    cfg = _resolved(cfg, trainer)
-    trainer.config = cfg
-    if dist.is_main():
-        save_config(cfg, out / ckpt.CONFIG)
-    return trainer.fit(out)
+
+    def no_run_there() -> None:
+        if (out / ckpt.CHECKPOINT).exists() and not overwrite:
+            raise UserError(
+                f"{out} already holds a run; continue it with --resume {out} or pass --overwrite"
+            )
+
+    lock = _claim(out, no_run_there)  # every rank has its answer before rank 0 writes anything
+    try:
+        cfg = cfg.replace(out=str(out))
+        trainer = Trainer(cfg, data=data, log=log, progress=progress)
+        cfg = _resolved(cfg, trainer)
+        trainer.config = cfg
+        if dist.is_main():
+            save_config(cfg, out / ckpt.CONFIG)
+        return trainer.fit(out)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def resume(
@@ -510,8 +524,14 @@ def resume(
     progress: bool | None = None,
     data: DataSplits | None = None,
 ) -> RunResult:
-    """Continue the run in ``run_dir`` from its checkpoint (optionally to more ``epochs``)."""
-    state = ckpt.load_checkpoint(run_dir)
+    """Continue the run in ``run_dir`` from its checkpoint (optionally to more ``epochs``).
+
+    ``overrides`` are what the user gave (command line, their own config file). A noise sampler
+    the checkpoint names by import path (``module:function``) is imported only when the
+    overrides name the same one: a checkpoint never makes us import code by itself.
+    """
+    path = Path(run_dir)
+    state = ckpt.load_checkpoint(path)
     overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
     saved = state["config"]
     changed = [k for k, v in overrides.items() if k not in RESUME_OVERRIDES and saved.get(k) != v]
@@ -520,15 +540,74 @@ def resume(
             f"cannot change {', '.join(changed)} when resuming; only "
             f"{', '.join(RESUME_OVERRIDES)} may differ"
         )
-    cfg = make_config(saved, overrides, {"out": str(Path(run_dir))})
+    cfg = make_config(saved, overrides, {"out": str(path)})
+    for name, spec in _code_references(cfg).items():
+        if overrides.get(name) != spec:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(
+                f"{path} names the sampler {spec!r} ({flag}), which would import and run that "
+                f"code; a checkpoint's config never does that by itself: to resume, give "
+                f"{flag} {spec} yourself"
+            )
     out = ckpt.prepare_out_dir(cfg.out)
-    trainer = Trainer(cfg, data=data, log=log, progress=progress)
-    trainer.load_state_dict(state)
+    dist.setup(cfg.device, cfg.dist_timeout, cfg.dist_backend)
+    seen = _file_identity(out / ckpt.CHECKPOINT)
+    lock = _claim(out)
+    try:
+        if _file_identity(out / ckpt.CHECKPOINT) != seen:  # a run finished in between: reread
+            state = ckpt.load_checkpoint(path)
+        trainer = Trainer(cfg, data=data, log=log, progress=progress)
+        trainer.load_state_dict(state, where=out / ckpt.CHECKPOINT)
+        if dist.is_main():
+            save_config(cfg, out / ckpt.CONFIG)
+        if trainer.epoch >= cfg.epochs and log:
+            log(
+                f"{out} already trained for {trainer.epoch} epochs; pass --epochs N to train longer"
+            )
+        return trainer.fit(out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim(out: Path, check: Callable[[], None] | None = None) -> ckpt.RunLock | None:
+    """Lock ``out`` for this run (rank 0 alone; ``check`` runs under the lock).
+
+    Every rank gets rank 0's verdict, so under torch.distributed all ranks stop with the same
+    one-line error when the directory is taken. Returns the held lock (None on other ranks).
+    """
+    lock, error = None, None
     if dist.is_main():
-        save_config(cfg, out / ckpt.CONFIG)
-    if trainer.epoch >= cfg.epochs and log:
-        log(f"{out} already trained for {trainer.epoch} epochs; pass --epochs N to train longer")
-    return trainer.fit(out)
+        lock = ckpt.RunLock(out)
+        try:
+            lock.acquire()
+            if check is not None:
+                check()
+        except UserError as err:
+            lock.release()
+            lock, error = None, str(err)
+    error = dist.from_main(error)
+    if error is not None:
+        if lock is not None:
+            lock.release()
+        raise UserError(error)
+    return lock
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime, size) of ``path``: an atomic rename over it changes the inode."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _code_references(cfg: TrainConfig) -> dict[str, str]:
+    """The options of ``cfg`` that name Python code to import (``module:function``)."""
+    from .config import code_references
+
+    return code_references(cfg)
 
 
 def _resolved(cfg: TrainConfig, trainer: Trainer) -> TrainConfig:
@@ -555,7 +634,9 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint (file or run directory) and evaluate it on ``split``."""
     state = ckpt.load_checkpoint(path)
-    overrides: dict[str, Any] = {"device": device}
+    # Evaluation draws no noise: a sampler or trace the checkpoint names is neither imported
+    # nor read (a checkpoint never makes us import code).
+    overrides: dict[str, Any] = {"device": device, "np_noise": "gaussian"}
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     cfg = make_config(state["config"], overrides)
@@ -568,7 +649,7 @@ def evaluate_checkpoint(
         )
     dev = resolve_device(cfg.device)
     model, _, loss_fn = build_parts(cfg, splits, dev)
-    model.load_state_dict(state["model"])
+    ckpt.load_weights(model, state["model"], path)
     loss, acc = evaluate(model, data.to(dev), loss_fn, batch_size or cfg.eval_batch_size)
     return {
         "checkpoint": str(path),

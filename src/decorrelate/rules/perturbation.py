@@ -31,6 +31,8 @@ in the paper. Their R learns from the clean rows only.
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -111,10 +113,20 @@ def load_trace(path: Path) -> Tensor:
             )
             trace = torch.from_numpy(np.asarray(array, dtype=np.float64))
     except Exception as exc:  # any unreadable file is the user's to fix
-        raise UserError(f"cannot read the noise trace {path}: {exc}") from None
+        from ..checkpoint import describe_load_error
+
+        raise UserError(f"cannot read the noise trace {path}: {describe_load_error(exc)}") from None
     if not isinstance(trace, Tensor):
         raise UserError(f"the noise trace {path} must hold one tensor, got {type(trace).__name__}")
     return trace
+
+
+_IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def is_import_spec(spec: Any) -> bool:
+    """Whether ``spec`` has the form ``module:function`` (a user sampler to import)."""
+    return isinstance(spec, str) and bool(_IMPORT_SPEC.match(spec)) and spec not in SOURCES
 
 
 def resolve_noise_spec(spec: str | Sampler, load: bool = False) -> Sampler | None:
@@ -122,10 +134,13 @@ def resolve_noise_spec(spec: str | Sampler, load: bool = False) -> Sampler | Non
 
     ``spec`` is a name from :data:`NOISES`, a recorded trace file (:data:`TRACE_SUFFIXES`,
     replayed by :class:`RecordedNoise`), ``module:function`` naming a sampler
-    ``(shape, generator, device, dtype) -> Tensor``, or already a callable.
+    ``(shape, generator, device, dtype) -> Tensor``, or already a callable. Without ``load``
+    only the form is checked: nothing is imported or read, so validating a config (one read
+    from a checkpoint included) never runs code. With ``load`` a sampler is imported and its
+    signature checked; :func:`check_sampler` then tries it once.
     """
     if callable(spec):
-        return spec
+        return _checked_signature(spec, getattr(spec, "__name__", repr(spec))) if load else spec
     if spec in SOURCES:
         return SOURCES[spec]
     path = Path(spec)
@@ -134,15 +149,78 @@ def resolve_noise_spec(spec: str | Sampler, load: bool = False) -> Sampler | Non
             raise UserError(f"noise trace file {spec} not found")
         return RecordedNoise(load_trace(path)) if load else None
     if ":" in spec:
+        if not is_import_spec(spec):
+            raise UserError(f"the noise sampler {spec!r} must be written module:function")
+        if not load:
+            return None
         module_name, _, attr = spec.partition(":")
         try:
             sampler = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise UserError(f"cannot import the noise sampler {spec}: {exc}") from None
+        except Exception as exc:  # the module itself failed while importing
+            raise UserError(
+                f"importing the noise sampler {spec} failed: {type(exc).__name__}: {exc}"
+            ) from None
         if not callable(sampler):
             raise UserError(f"the noise sampler {spec} is not callable")
-        return sampler
+        return _checked_signature(sampler, spec)
     raise UserError(f"unknown noise {spec!r}")
+
+
+def _checked_signature(sampler: Sampler, name: str) -> Sampler:
+    """``sampler``, if it can be called as ``sampler(shape, generator, device, dtype)``."""
+    if sampler in SOURCES.values() or isinstance(sampler, RecordedNoise):
+        return sampler
+    try:
+        signature = inspect.signature(sampler)
+    except (TypeError, ValueError):  # builtins without a signature: tried by check_sampler
+        return sampler
+    try:
+        signature.bind(None, None, None, None)
+    except TypeError as exc:
+        raise UserError(
+            f"the noise sampler {name} must take (shape, generator, device, dtype); "
+            f"its signature is {name.split(':')[-1]}{signature} ({exc})"
+        ) from None
+    return sampler
+
+
+def check_sampler(
+    sampler: Sampler, generator: torch.Generator | None, device: torch.device, name: str
+) -> None:
+    """Try a user sampler once at set-up: it must return a tensor of the shape asked for.
+
+    The trial draws from a copy of the run's generator (and with torch's global RNG state
+    restored), so the run's random stream is unchanged.
+    """
+    if sampler in SOURCES.values() or isinstance(sampler, RecordedNoise):
+        return
+    trial = None
+    if generator is not None:
+        trial = torch.Generator(device=generator.device)
+        trial.set_state(generator.get_state())
+    shape = (1, 2, 3)
+    with torch.random.fork_rng(devices=[]):
+        try:
+            eps = sampler(shape, trial, device, torch.float32)
+        except Exception as exc:
+            raise UserError(
+                f"the noise sampler {name} failed when called as (shape={shape}, generator, "
+                f"device={device}, dtype=torch.float32): {type(exc).__name__}: {exc}"
+            ) from None
+    _check_draw(eps, shape, name)
+
+
+def _check_draw(eps: Any, shape: tuple[int, ...], name: str) -> None:
+    if not isinstance(eps, Tensor):
+        raise UserError(
+            f"the noise sampler {name} must return a torch.Tensor, got {type(eps).__name__}"
+        )
+    if tuple(eps.shape) != tuple(shape):
+        raise UserError(
+            f"the noise sampler {name} returned shape {tuple(eps.shape)} when asked for {shape}"
+        )
 
 
 def noise_source(noise: str | Sampler) -> Sampler:
@@ -171,21 +249,31 @@ class _Injector:
     recorded traces, which may not be replayable, are kept.
     """
 
-    def __init__(self, sampler: Sampler, sigma: float, generator: torch.Generator | None) -> None:
+    def __init__(
+        self, sampler: Sampler, sigma: float, generator: torch.Generator | None, name: str = ""
+    ) -> None:
         self.sampler, self.sigma, self.generator = sampler, sigma, generator
+        self.name = name
+        self.builtin = sampler in SOURCES.values()
         self.keep = True
-        self.replay = generator is not None and sampler in SOURCES.values()
+        self.replay = generator is not None and self.builtin
         self.kept: dict[int, Tensor] = {}
         self.draws: dict[int, tuple[Tensor, tuple[int, ...], torch.device, torch.dtype]] = {}
 
     def _draw(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
         shard = current_shard()
         if shard is None or shape[1] != shard.size or shard.total == shard.size:
-            return self.sigma * self.sampler(shape, self.generator, device, dtype)
+            return self.sigma * self._sample(shape, device, dtype)
         # One rank of several: draw for the global batch, as a single process would, and keep
         # this rank's rows, so every sample gets its own noise and the run equals the 1-process one.
-        full = self.sampler((shape[0], shard.total, *shape[2:]), self.generator, device, dtype)
+        full = self._sample((shape[0], shard.total, *shape[2:]), device, dtype)
         return self.sigma * full[:, shard.offset : shard.offset + shard.size]
+
+    def _sample(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        eps = self.sampler(shape, self.generator, device, dtype)
+        if not self.builtin:  # a user's sampler keeps its contract at every draw, not just once
+            _check_draw(eps, shape, self.name)
+        return eps
 
     def add(self, index: int, out: Tensor, copies: list[int], batch: int) -> Tensor:
         if not copies:
@@ -241,6 +329,7 @@ class NodePerturbation(LearningRule):
             )
         self.sigma, self.samples, self.inaccessible = float(sigma), int(samples), inaccessible
         self.sampler = noise_source(noise)
+        self.noise_name = noise if isinstance(noise, str) else getattr(noise, "__name__", "noise")
         self.layers: list[tuple[str, nn.Module]] = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -272,6 +361,8 @@ class NodePerturbation(LearningRule):
     ) -> None:
         super().attach(model, loss, generator)
         self.layers = trainable_layers(model)
+        device = example.device if example is not None else torch.device("cpu")
+        check_sampler(self.sampler, generator, device, self.noise_name)
 
     # -------------------------------------------------------------- schedule of copies
     def plan(self) -> tuple[int, list[list[int]]]:
@@ -359,7 +450,7 @@ class NodePerturbation(LearningRule):
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         copies, noisy = self.plan()
-        injector = _Injector(self.sampler, self.sigma, self.generator)
+        injector = _Injector(self.sampler, self.sigma, self.generator, self.noise_name)
         injector.keep = not self.inaccessible
         record = slice(0, 1) if not self.inaccessible else slice(0, copies, 2)
         losses, out, inputs, deltas = self._forward(model, x, y, copies, noisy, injector, record)
