@@ -50,24 +50,26 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _start(args: list[str], cwd: Path | None = None) -> subprocess.Popen:
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    """``decorrelate ARGS`` in the background, stderr to ``log``.
+
+    A file, not a pipe: a worker that outlived its launcher (the bug under test) would hold a
+    pipe open, and reading it would wait for that worker instead of the launcher.
+    """
     command = [sys.executable, "-m", "decorrelate", *args]
-    return subprocess.Popen(
-        command,
-        env=_env(),
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group: cleaned up as a whole on failure
-    )
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            command, env=_env(), stdout=subprocess.DEVNULL, stderr=err, text=True
+        )
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
 
 
 def _wait_for(condition, what: str, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + WAIT
     while not condition():
         if proc is not None and proc.poll() is not None:
-            _, err = proc.communicate()
+            err = proc.log.read_text()  # type: ignore[attr-defined]
             raise AssertionError(f"process ended (rc {proc.returncode}) before {what}: {err}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -82,13 +84,14 @@ def _rows(run: Path) -> int:
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    """The launcher's exit code and stderr, once it has ended."""
     try:
-        _, err = proc.communicate(timeout=WAIT)
+        proc.wait(timeout=WAIT)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        proc.kill()
+        proc.wait()
         raise AssertionError("the job did not end") from None
-    return proc.returncode, err
+    return proc.returncode, proc.log.read_text()  # type: ignore[attr-defined]
 
 
 def _one_line(err: str) -> str:
@@ -124,22 +127,36 @@ def _workers(launcher: int) -> dict[int, int]:
     return found
 
 
-def _launch_two(run: Path, *extra: str) -> tuple[subprocess.Popen, dict[int, int]]:
-    """``decorrelate train --nproc 2`` on a long tiny run, once it has logged two epochs."""
-    proc = _start(["train", "--nproc", "2", *TINY, "--epochs", "100000", "--out", str(run), *extra])
-    _wait_for(lambda: _rows(run) >= 2, "two metrics rows", proc)
-    workers = _workers(proc.pid)
-    assert sorted(workers) == [0, 1], workers
-    return proc, workers
+@pytest.fixture
+def launch_two():
+    """Start ``decorrelate train --nproc 2`` on a long tiny run; returns (launcher, {rank: pid})
+    once it has logged two epochs. Whatever is left afterwards is killed (the workers run in
+    sessions of their own, so this is the only way a failing test cleans them up)."""
+    started: list[int] = []
+
+    def launch(run: Path, *extra: str) -> tuple[subprocess.Popen, dict[int, int]]:
+        args = ["train", "--nproc", "2", *TINY, "--epochs", "100000", "--out", str(run), *extra]
+        proc = _start(args, run.parent / "launcher.err")
+        started.append(proc.pid)
+        _wait_for(lambda: _rows(run) >= 2, "two metrics rows", proc)
+        workers = _workers(proc.pid)
+        started.extend(workers.values())
+        assert sorted(workers) == [0, 1], workers
+        return proc, workers
+
+    yield launch
+    for pid in started:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- item 3
 
 
 @needs_proc
-def test_a_killed_worker_ends_the_job_in_one_line(tmp_path):
+def test_a_killed_worker_ends_the_job_in_one_line(tmp_path, launch_two):
     run = tmp_path / "run"
-    proc, workers = _launch_two(run)
+    proc, workers = launch_two(run)
     os.kill(workers[1], signal.SIGKILL)
     code, err = _finish(proc)
     line = _one_line(err)
@@ -151,9 +168,9 @@ def test_a_killed_worker_ends_the_job_in_one_line(tmp_path):
 
 
 @needs_proc
-def test_a_frozen_worker_ends_the_job_after_the_timeout_in_one_line(tmp_path):
+def test_a_frozen_worker_ends_the_job_after_the_timeout_in_one_line(tmp_path, launch_two):
     run = tmp_path / "run"
-    proc, workers = _launch_two(run, "--dist-timeout", "2")
+    proc, workers = launch_two(run, "--dist-timeout", "2")
     os.kill(workers[1], signal.SIGSTOP)
     try:
         # rank 0 gives up after --dist-timeout and leaves without a second barrier
@@ -169,9 +186,9 @@ def test_a_frozen_worker_ends_the_job_after_the_timeout_in_one_line(tmp_path):
 
 
 @needs_proc
-def test_sigterm_to_the_launcher_stops_and_waits_for_every_worker(tmp_path):
+def test_sigterm_to_the_launcher_stops_and_waits_for_every_worker(tmp_path, launch_two):
     run = tmp_path / "run"
-    proc, workers = _launch_two(run)
+    proc, workers = launch_two(run)
     os.kill(proc.pid, signal.SIGTERM)
     code, err = _finish(proc)
     line = _one_line(err)
@@ -241,9 +258,7 @@ def test_a_checkpoint_never_imports_the_sampler_it_names(tmp_path, monkeypatch, 
         assert marker.exists() and load_checkpoint(run)["epoch"] == 2
 
 
-def test_a_checkpoint_holding_python_objects_is_refused_without_pytorchs_advice(
-    tmp_path, capsys
-):
+def test_a_checkpoint_holding_python_objects_is_refused_without_pytorchs_advice(tmp_path, capsys):
     import argparse
 
     path = tmp_path / "odd.pt"
@@ -308,7 +323,8 @@ def test_an_incomplete_decorrelate_data_is_an_error_naming_the_file(
 
 def test_a_second_run_on_the_same_directory_gets_one_line(tmp_path, capsys):
     run = tmp_path / "run"
-    first = _start(["train", *TINY, "--epochs", "100000", "--seed", "1", "--out", str(run)])
+    args = ["train", *TINY, "--epochs", "100000", "--seed", "1", "--out", str(run)]
+    first = _start(args, tmp_path / "first.err")
     try:
         _wait_for(lambda: _rows(run) >= 2, "the first run to write", first)
         for args in (
@@ -321,7 +337,7 @@ def test_a_second_run_on_the_same_directory_gets_one_line(tmp_path, capsys):
         assert first.poll() is None  # the first run is untouched and trains on
     finally:
         os.kill(first.pid, signal.SIGKILL)  # no cleanup at all: the OS drops the lock
-        first.communicate()
+        first.wait()
     assert json.loads((run / CONFIG).read_text())["seed"] == 1
     assert load_checkpoint(run)["config"]["seed"] == 1
     # no stale lock: a new run may take the directory at once
