@@ -186,9 +186,12 @@ def test_a_frozen_worker_ends_the_job_after_the_timeout_in_one_line(tmp_path, la
 
 
 @needs_proc
-def test_sigterm_to_the_launcher_stops_and_waits_for_every_worker(tmp_path, launch_two):
+def test_sigterm_to_the_launcher_stops_and_waits_for_every_worker(tmp_path, launch_two, capsys):
     run = tmp_path / "run"
     proc, workers = launch_two(run)
+    # while it runs, rank 0 holds the run directory
+    assert cli.main(["train", "--resume", str(run), "--epochs", "100001"]) == cli.EXIT_USER
+    assert "in use by another decorrelate run" in _one_line(capsys.readouterr().err)
     os.kill(proc.pid, signal.SIGTERM)
     code, err = _finish(proc)
     line = _one_line(err)
@@ -196,6 +199,22 @@ def test_sigterm_to_the_launcher_stops_and_waits_for_every_worker(tmp_path, laun
     assert "interrupted (SIGTERM)" in line
     # the launcher waited for its workers: none trains on or writes after it ended
     assert not any(_alive(pid) for pid in workers.values())
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temp files
+    load_checkpoint(run)
+
+
+def test_sigterm_to_a_single_process_run_unwinds_like_ctrl_c(tmp_path):
+    run = tmp_path / "run"
+    proc = _start(["train", *TINY, "--epochs", "100000", "--out", str(run)], tmp_path / "err")
+    try:
+        _wait_for(lambda: _rows(run) >= 2, "two metrics rows", proc)
+        proc.send_signal(signal.SIGTERM)
+        code, err = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + signal.SIGTERM
+    assert "interrupted" in _one_line(err)
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temp files
     load_checkpoint(run)
 

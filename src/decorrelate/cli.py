@@ -226,16 +226,17 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
 def _report_failure(failures: dict[int, Any]) -> int:
     """Exit code (and, for a lost process, one line) for the workers that failed.
 
-    Workers that stopped on an error of their own (bad input, divergence) have already said so
-    in one line: their exit code is passed on. A worker killed by a signal, or one that gave up
-    on a peer (:data:`decorrelate.distributed.EXIT_PEER_LOST`), is reported here, with every
-    failed rank and what ended it.
+    A worker that stopped on an error of its own (bad input, divergence) has already said so in
+    one line: its exit code is passed on (the agent then stops the others). Otherwise a worker
+    was killed by a signal or gave up on a peer (:data:`decorrelate.distributed.EXIT_PEER_LOST`):
+    that is reported here, with every failed rank and what ended it.
     """
     from .distributed import EXIT_PEER_LOST
 
     codes = {rank: failure.exitcode for rank, failure in failures.items()}
-    if all(code > 0 and code != EXIT_PEER_LOST for code in codes.values()):
-        return max(codes.values())
+    own = [code for code in codes.values() if code > 0 and code != EXIT_PEER_LOST]
+    if own:  # a worker stopped on its own error and said so; the others were stopped after it
+        return max(own)
     parts = []
     for rank in sorted(failures):
         code = codes[rank]
