@@ -37,7 +37,7 @@ needs_proc = pytest.mark.skipif(not LINUX_PROC, reason="finds worker processes t
 TINY = [
     "--dataset", "synthetic", "--synthetic-shape", "1,4,4", "--synthetic-train", "64",
     "--synthetic-test", "32", "--widths", "8", "--batch-size", "16", "--threads", "1",
-    "--no-progress", "--quiet",
+    "--device", "cpu", "--no-progress", "--quiet",
 ]  # fmt: skip
 WAIT = 120.0  # seconds: generous upper bound for any condition below
 
@@ -369,11 +369,15 @@ def test_a_second_run_on_the_same_directory_gets_one_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------- item 7
 
 
-def test_a_zero_byte_checkpoint_is_one_line(tmp_path, capsys):
-    (tmp_path / CHECKPOINT).write_bytes(b"")
-    for args in (["eval", str(tmp_path)], ["train", "--resume", str(tmp_path)]):
-        assert cli.main(args) == cli.EXIT_USER
-        assert "is empty" in _one_line(capsys.readouterr().err)
+def test_a_zero_byte_or_incomplete_checkpoint_is_one_line(tmp_path, capsys):
+    for content, message in ((b"", "is empty"), (None, "lacks config, model")):
+        if content is None:
+            torch.save({"format": 1, "epoch": 3, "history": []}, tmp_path / CHECKPOINT)
+        else:
+            (tmp_path / CHECKPOINT).write_bytes(content)
+        for args in (["eval", str(tmp_path)], ["train", "--resume", str(tmp_path)]):
+            assert cli.main(args) == cli.EXIT_USER
+            assert message in _one_line(capsys.readouterr().err)
 
 
 def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):

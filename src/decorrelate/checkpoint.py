@@ -9,11 +9,13 @@ that two runs never write into the same folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read checkpoint {path}: {describe_load_error(err)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise UserError(f"{path} is not a decorrelate checkpoint (format {FORMAT_VERSION})")
+    missing = [key for key in ("config", "model", "epoch", "history") if key not in state]
+    if missing or not isinstance(state["config"], dict):
+        what = ", ".join(missing) if missing else "a config mapping"
+        raise UserError(f"{path} is not a complete decorrelate checkpoint: it lacks {what}")
     return state
 
 
@@ -164,8 +170,16 @@ class RunLock:
         fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as err:
             os.close(fd)
+            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                # the filesystem cannot lock (some network mounts): run, but say so
+                warnings.warn(
+                    f"cannot lock {self.path} ({err.strerror}); a second run on it would not "
+                    "be stopped",
+                    stacklevel=2,
+                )
+                return self
             raise UserError(
                 f"{self.path} is in use by another decorrelate run; wait for it to finish or "
                 "choose another --out"

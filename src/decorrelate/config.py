@@ -431,6 +431,17 @@ def code_references(config: TrainConfig) -> dict[str, str]:
     return refs
 
 
+def without_code(config: TrainConfig) -> TrainConfig:
+    """``config`` with every option that names code (:func:`code_references`) at its default.
+
+    For uses that never run those options, such as evaluating a checkpoint's weights.
+    """
+    refs = code_references(config)
+    if not refs:
+        return config
+    return config.replace(**{name: FIELDS[name].default for name in refs})
+
+
 def choices_of(name: str) -> tuple[str, ...] | None:
     c = FIELDS[name].metadata["choices"]
     return c() if callable(c) else c

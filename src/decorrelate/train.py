@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed as dist
-from .config import TrainConfig, make_config, save_config
+from .config import TrainConfig, code_references, make_config, save_config, without_code
 from .data import Dataset, DataSplits, epoch_order, load_dataset
 from .errors import TrainingDiverged, UserError
 from .losses import Loss
@@ -541,7 +541,7 @@ def resume(
             f"{', '.join(RESUME_OVERRIDES)} may differ"
         )
     cfg = make_config(saved, overrides, {"out": str(path)})
-    for name, spec in _code_references(cfg).items():
+    for name, spec in code_references(cfg).items():
         if overrides.get(name) != spec:
             flag = "--" + name.replace("_", "-")
             raise UserError(
@@ -603,13 +603,6 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _code_references(cfg: TrainConfig) -> dict[str, str]:
-    """The options of ``cfg`` that name Python code to import (``module:function``)."""
-    from .config import code_references
-
-    return code_references(cfg)
-
-
 def _resolved(cfg: TrainConfig, trainer: Trainer) -> TrainConfig:
     """Fill model-specific defaults (widths, channels) so config.json states what ran."""
     from .models import DEFAULT_CHANNELS, DEFAULT_WIDTHS
@@ -634,12 +627,12 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint (file or run directory) and evaluate it on ``split``."""
     state = ckpt.load_checkpoint(path)
-    # Evaluation draws no noise: a sampler or trace the checkpoint names is neither imported
-    # nor read (a checkpoint never makes us import code).
-    overrides: dict[str, Any] = {"device": device, "np_noise": "gaussian"}
+    overrides: dict[str, Any] = {"device": device}
     if data_dir is not None:
         overrides["data_dir"] = data_dir
-    cfg = make_config(state["config"], overrides)
+    # Evaluation runs no training step: code the checkpoint's config names (a noise sampler)
+    # is never imported (a checkpoint never makes us import code).
+    cfg = without_code(make_config(state["config"], overrides))
     splits = load_data(cfg)
     data = {"train": splits.train, "test": splits.test, "val": splits.val}.get(split)
     if data is None:
