@@ -201,6 +201,10 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
 
     previous = os.environ.get(distributed.LAUNCHER_ENV)
     os.environ[distributed.LAUNCHER_ENV] = "1"  # inherited by the workers
+    forwarded = [
+        getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, n)
+    ]
+    handlers = {sig: signal.getsignal(sig) for sig in forwarded}  # the agent replaces them
     logging.disable(logging.CRITICAL)  # the agent's own log lines; we report in one line
     try:
         torchrun.run(torchrun.parse_args(command))
@@ -214,7 +218,13 @@ def _launch(nproc: int, argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 128 + int(err.sigval)
+    except (RuntimeError, OSError, ValueError) as err:  # the agent could not start the workers
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not launch {nproc} processes: {first}") from None
     finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
         logging.disable(logging.NOTSET)
         if previous is None:
             os.environ.pop(distributed.LAUNCHER_ENV, None)
