@@ -23,7 +23,13 @@ from decorrelate.align import (
     train_add_task,
 )
 from decorrelate.checkpoint import load_checkpoint, read_metrics
-from decorrelate.metrics import alignment_score, alignment_scores, shuffled
+from decorrelate.metrics import (
+    ConvGeometry,
+    alignment_score,
+    alignment_scores,
+    kernel_alignment_score,
+    shuffled,
+)
 from decorrelate.models import NTKScale, VanillaRNN
 
 TIMING = {"seconds", "epoch_seconds", "eval_seconds"}
@@ -329,8 +335,86 @@ def test_alignment_score_identical_scaled_disjoint_and_shuffled():
     estimate = alignment_score(tall, tall2, probes=4000, generator=gen)
     assert estimate == pytest.approx(exact, abs=0.03)
     assert math.isnan(alignment_score(torch.zeros(3, 4), torch.ones(3, 4)))
-    conv = alignment_scores({"c": (torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3))})
-    assert set(conv) == {"align_score/c", "align_score_shuffled/c"}
+    kernels = (torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="geometry"):  # a kernel alone is not the operator
+        alignment_scores({"c": kernels})
+    geometry = {"c": ConvGeometry.of(nn.Conv2d(2, 4, 3, padding=1), (5, 5))}
+    conv = alignment_scores({"c": kernels}, geometry=geometry)
+    assert set(conv) == {"align_score/c", "align_score_shuffled/c", "align_score_kernel/c"}
+
+
+def operator_matrix(kernel: torch.Tensor, conv: nn.Conv2d, size) -> torch.Tensor:
+    """The conv's effective matrix [C_out·H'·W', C_in·H·W]: the conv of every basis input."""
+    n = kernel.shape[1] * size[0] * size[1]
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, kernel.shape[1], *size)
+    layer = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        bias=False,
+    ).double()
+    with torch.no_grad():
+        layer.weight.copy_(kernel)
+        return layer(basis).reshape(n, -1).T
+
+
+def gram_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """tr(AᵀA BᵀB) / (‖AᵀA‖_F ‖BᵀB‖_F), straight from the paper's formula."""
+    ga, gb = a.T @ a, b.T @ b
+    return float(
+        torch.trace(ga @ gb) / (torch.linalg.matrix_norm(ga) * torch.linalg.matrix_norm(gb))
+    )
+
+
+@pytest.mark.parametrize(
+    "kernel_size, stride, padding, dilation, size",
+    [(3, 1, 1, 1, (7, 6)), (3, 2, 1, 1, (7, 7)), (5, 2, 0, 1, (9, 8)), (3, 1, 2, 2, (6, 7))],
+)
+def test_conv_alignment_score_is_the_operators(kernel_size, stride, padding, dilation, size):
+    """Score of the conv as a linear map on flattened inputs, against its explicit matrix."""
+    gen = torch.Generator().manual_seed(kernel_size + stride)
+    conv = nn.Conv2d(3, 4, kernel_size, stride, padding, dilation)
+    dw = torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
+    dw_hat = dw + 0.7 * torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
+    geometry = ConvGeometry.of(conv, size)
+    expected = gram_cosine(operator_matrix(dw, conv, size), operator_matrix(dw_hat, conv, size))
+    # sums of O(10³) products of O(1) doubles: exact to ~1e-13
+    assert alignment_score(dw, dw_hat, geometry=geometry) == pytest.approx(expected, abs=1e-12)
+    # it is not the flattened kernel's score (boundary and overlap structure matter)
+    assert abs(kernel_alignment_score(dw, dw_hat) - expected) > 0.02
+    # Hutchinson estimate: relative std of each trace ~ sqrt(2/k) / (effective rank)^½
+    estimate = alignment_score(dw, dw_hat, geometry=geometry, probes=4000, generator=gen)
+    assert estimate == pytest.approx(expected, abs=0.02)
+
+
+def test_alignment_probe_scores_conv_layers_as_operators():
+    model = ntk_convnet()
+    loss = Loss("cross-entropy")
+    probe = AlignmentProbe()
+    probe.attach(model, loss)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for i in range(3):
+        x, y = batch("convnet-bn", seed=20 + i)
+        opt.zero_grad()
+        probe.backward(model, x, y)
+        opt.step()
+    scores = probe.diagnostics()
+    changes = probe.changes()
+    for name, size in (("1", (8, 8)), ("6", (4, 4))):
+        conv = model[int(name)]
+        dw, dw_hat = changes[name]
+        expected = gram_cosine(operator_matrix(dw, conv, size), operator_matrix(dw_hat, conv, size))
+        assert scores[f"align_score/{name}"] == pytest.approx(expected, abs=1e-10)
+        assert scores[f"align_score_kernel/{name}"] == pytest.approx(
+            kernel_alignment_score(dw, dw_hat), abs=1e-12
+        )
+    other = AlignmentProbe()
+    other.attach(ntk_convnet(seed=3), loss)
+    other.load_state_dict(probe.state_dict())
+    assert other.input_sizes == {"1": (8, 8), "6": (4, 4)}
 
 
 # ----------------------------------------------------------------------------- models
