@@ -174,6 +174,67 @@ def test_align_ada_uses_twin_deltas_and_current_presynaptic_activity():
     torch.testing.assert_close(got_ada["5.bias"], delta.sum(0))
 
 
+def bn_backward(a: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """∂L/∂a from ∂L/∂BN(a) for batch norm with batch statistics per channel (no affine)."""
+    dims = (0, 2, 3)
+    mean, var = a.mean(dims, keepdim=True), a.var(dims, unbiased=False, keepdim=True)
+    std = (var + eps).sqrt()
+    xhat = (a - mean) / std
+    return (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True)) / std
+
+
+def conv_update(x: torch.Tensor, delta: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Σ over samples and positions of δ ⊗ input patch, shaped like the kernel."""
+    patches = nn.functional.unfold(x, conv.kernel_size, padding=conv.padding)  # [B, C_in·9, L]
+    return torch.einsum("bol,bil->oi", delta.flatten(2), patches).reshape(conv.weight.shape)
+
+
+def test_align_ada_mixes_through_the_real_networks_batchnorm_by_default():
+    """ΔW = BN_realᵀ(δ at the twin's BN output) ⊗ current input, written out by hand."""
+    model = ntk_convnet()
+    loss = Loss("cross-entropy")
+    real_mix, twin_mix = get_rule("align-ada"), get_rule("align-ada", bn_mixing="twin")
+    real_mix.attach(model, loss)
+    twin_mix.attach(model, loss)
+    sgd_steps(model, loss, steps=4, lr=0.5, case="convnet-bn")  # BN statistics now differ
+    x, y = batch("convnet-bn", seed=3)
+    got_real = rule_grads(real_mix, model, x, y)
+    got_twin = rule_grads(twin_mix, model, x, y)
+
+    twin = real_mix.twin
+    seen: dict[str, tuple] = {}
+    hooks = [
+        net[i].register_forward_hook(lambda m, a, o, k=(tag, i): seen.__setitem__(k, (a[0], o)))
+        for tag, net in (("real", model), ("twin", twin))
+        for i in (1, 2, 6, 7)  # the two convs and their batch norms
+    ]
+    with torch.no_grad():
+        out_t = model(x)
+    out_t.requires_grad_(True)
+    (error,) = torch.autograd.grad(loss(out_t, y), out_t)
+    out0 = twin(x.clone().requires_grad_(True))
+    for h in hooks:
+        h.remove()
+    post = torch.autograd.grad(out0, [seen["twin", 2][1], seen["twin", 7][1]], error)
+    for (conv_i, bn_i), g in zip(((1, 2), (6, 7)), post, strict=True):
+        eps = model[bn_i].eps
+        real_in, real_pre = seen["real", conv_i]
+        twin_pre = seen["twin", conv_i][1].detach()
+        delta_real = bn_backward(real_pre, g, eps)  # the network's own batch statistics
+        delta_twin = bn_backward(twin_pre, g, eps)  # the twin's
+        conv = model[conv_i]
+        for got, delta in ((got_real, delta_real), (got_twin, delta_twin)):
+            expected = conv_update(real_in, delta, conv)
+            torch.testing.assert_close(got[f"{conv_i}.weight"], expected, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(got[f"{conv_i}.bias"], delta.sum((0, 2, 3)))
+        # the two mixing points really differ once the network has moved
+        rel = (got_real[f"{conv_i}.weight"] - got_twin[f"{conv_i}.weight"]).norm()
+        assert rel / got_real[f"{conv_i}.weight"].norm() > 1e-3
+    torch.testing.assert_close(got_real["12.weight"], got_twin["12.weight"])  # no BN: same
+    with pytest.raises(UserError, match="mixing"):
+        get_rule("align-ada", bn_mixing="after")
+
+
 def test_twin_is_frozen_and_batchnorm_statistics_stay_put():
     model = ntk_convnet()
     rule = get_rule("align-ada")
