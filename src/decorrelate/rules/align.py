@@ -17,6 +17,12 @@ without propagating errors through the *current* weights:
 * ``last-layer``: train the readout only (plain gradient); every other layer stays at its
   initial value. The paper's "training the last layer only" baseline.
 
+Batch norm. Where a layer's output goes straight into batch norm, align-ada by default takes
+the twin's δ at the norm's output and carries it to the layer through the *real* network's
+batch norm (its current batch statistics), as the authors' code does; ``bn_mixing="twin"``
+(``--align-bn-mixing twin``) takes δ at the layer's output instead, through the twin's norm.
+See :class:`AlignAda`. align-zero uses the twin throughout (no choice to make).
+
 How the twin rules work (one vectorised pass each, no per-sample loops):
 
 1. the real network runs forward without an autograd graph; forward hooks on every layer (each
@@ -24,7 +30,9 @@ How the twin rules work (one vectorised pass each, no per-sample loops):
    needs it; e = ∂L/∂output is taken on the detached output;
 2. the twin runs forward *with* a graph; the same hooks record each layer's input a_{l−1,0} and
    output h_{l,0} (made a graph leaf where nothing upstream requires grad);
-3. one ``torch.autograd.grad(twin_output, [h_l...], grad_outputs=e)`` gives every δ_{l,0};
+3. one ``torch.autograd.grad(twin_output, [h_l...], grad_outputs=e)`` gives every δ_{l,0}
+   (for align-ada's default batch-norm mixing, at the norm's output, then through the real
+   network's norm by :func:`norm_vjp`);
 4. ΔW_l = δ_{l,0} aᵀ (a matmul, or ``conv2d_weight`` for convolutions), Δb_l = Σ δ_{l,0};
    these are written into the real network's ``.grad``.
 
@@ -43,7 +51,7 @@ backward of the twin, plus one weight-gradient product per layer — about BP pl
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -70,7 +78,7 @@ class _Recorder:
     """
 
     def __init__(
-        self, modules: list[nn.Module], leaf_outputs: bool, norms: list[nn.Module] = ()
+        self, modules: list[nn.Module], leaf_outputs: bool, norms: Sequence[nn.Module] = ()
     ) -> None:
         self.modules = modules
         self.leaf_outputs = leaf_outputs
@@ -382,9 +390,14 @@ class AlignAda(_TwinAlign):
     * ``"twin"``: δ is taken at the layer's output in the twin, i.e. through the twin's batch
       norm and its statistics at initialisation (the literal δ_{l,0} = (∂f_0/∂h_l)ᵀ e).
 
-    Both give BP's update at initialisation and differ once the network moves away from it
-    (by 2–60 % per conv layer after a few steps on conv+BN, growing with training). Layers not
-    followed by batch norm are unaffected.
+    Both give BP's update at initialisation and differ once the network moves away from it: on
+    the ``align-width-conv`` net (16 channels) by 33 % per conv layer after one step and by
+    50–200 % over 60 steps (``benchmarks/results/align_fidelity.json``). Layers not
+    followed by batch norm are unaffected. With ``"real"`` the updates equal the authors'
+    construction to rounding (``benchmarks/bench_align_fidelity.py``), except for one point we
+    do not copy: their code mixes the *last* conv layer at the readout's input, after the real
+    network's activation and pooling, so that layer alone would get the current f′ instead of
+    the twin's — at odds with the rule and with how they treat every other layer.
     """
 
     presynaptic = "current"
