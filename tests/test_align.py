@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 import decorrelate.rules.align  # noqa: F401  (registers the align rules)
-from decorrelate import Loss, UserError, build_model, get_rule, resume, train
+from decorrelate import Loss, UserError, build_model, get_rule, make_config, resume, train
 from decorrelate.align import (
     AlignmentProbe,
     SequenceMSE,
@@ -31,6 +31,7 @@ from decorrelate.metrics import (
     shuffled,
 )
 from decorrelate.models import NTKScale, VanillaRNN
+from decorrelate.rules import rule_class
 
 TIMING = {"seconds", "epoch_seconds", "eval_seconds"}
 
@@ -233,6 +234,9 @@ def test_align_ada_mixes_through_the_real_networks_batchnorm_by_default():
     torch.testing.assert_close(got_real["12.weight"], got_twin["12.weight"])  # no BN: same
     with pytest.raises(UserError, match="mixing"):
         get_rule("align-ada", bn_mixing="after")
+    assert rule_class("align-ada").from_config(make_config({})).bn_mixing == "real"
+    twin_cfg = make_config({"align_bn_mixing": "twin"})
+    assert rule_class("align-ada").from_config(twin_cfg).bn_mixing == "twin"
 
 
 @pytest.mark.parametrize("name", ["align-ada", "align-zero"])
