@@ -316,6 +316,15 @@ class TrainConfig:
         "bool",
         group="rule",
     )
+    align_bn_mixing: str = opt(
+        "real",
+        "align-ada: where the twin's backward signal enters a layer followed by batch norm: "
+        "real (after the norm, then through the network's own batch statistics, as the authors' "
+        "code) or twin (at the layer output, through the twin's batch norm)",
+        "str",
+        choices=("real", "twin"),
+        group="rule",
+    )
     alignment_every: int = opt(
         0,
         "every N steps log the angle between each layer's update and the BP gradient (0: off)",
