@@ -32,11 +32,23 @@ RULES = ["bp", "fa", "dfa", "last-layer", "align-prop", "align-zero", "align-ada
 RNN_RULES = ["bp", "last-layer", "align-zero", "align-ada"]
 
 
-def classifier_steps(model: str, dataset: str, extra: dict, rules: list[str], steps: int):
-    """One ``step()`` closure per rule: ``steps`` steps of ``Trainer.train_epoch``."""
+def classifier_steps(
+    model: str,
+    dataset: str,
+    extra: dict,
+    rules: list[str],
+    steps: int,
+    variants: dict[str, dict] | None = None,
+):
+    """One ``step()`` closure per rule: ``steps`` steps of ``Trainer.train_epoch``.
+
+    ``variants`` adds labelled rule configurations (label → options, e.g. a rule option).
+    """
     data = load_dataset(dataset, train_size=steps * 100 * 2)
     closures = {}
-    for rule in rules:
+    runs = {rule: {"rule": rule} for rule in rules} | (variants or {})
+    for label, chosen in runs.items():
+        rule = chosen["rule"]
         options = {
             "dataset": dataset,
             "model": model,
@@ -46,14 +58,14 @@ def classifier_steps(model: str, dataset: str, extra: dict, rules: list[str], st
             "momentum": 0.0,
             "lr": 0.1,
             "batch_size": 100,
-            "rule": rule,
+            **chosen,
             **extra,
         }
         if rule in ("fa", "dfa"):
             options.update(feedback_init="gaussian")
         trainer = Trainer(make_config(options), data=data, log=None, progress=False)
         epoch = iter(range(1, 10**6))
-        closures[rule] = lambda t=trainer, e=epoch: t.train_epoch(next(e), max_steps=steps)
+        closures[label] = lambda t=trainer, e=epoch: t.train_epoch(next(e), max_steps=steps)
     return closures
 
 
@@ -109,20 +121,38 @@ def main() -> None:
     parser.add_argument("--conv-width", type=int, default=32)
     parser.add_argument("--rnn-width", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results/align_step.json")
+    parser.add_argument(
+        "--setups", default="mlp,conv,rnn", help="comma-separated subset of mlp, conv, rnn"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     w, c = args.mlp_width, args.conv_width
-    setups = {
-        f"mlp-ntk {w}x{w} MNIST batch 100": classifier_steps(
-            "mlp-ntk", "mnist", {"widths": [w, w]}, RULES, args.steps
+    twin_bn = {"align-ada (twin BN)": {"rule": "align-ada", "align_bn_mixing": "twin"}}
+    builders = {
+        "mlp": lambda: (
+            f"mlp-ntk {w}x{w} MNIST batch 100",
+            classifier_steps("mlp-ntk", "mnist", {"widths": [w, w]}, RULES, args.steps),
         ),
-        f"convnet-ntk {c},{c} (BN) Fashion-MNIST batch 100": classifier_steps(
-            "convnet-ntk", "fashion-mnist", {"channels": [c, c], "widths": []}, RULES, args.steps
+        "conv": lambda: (
+            f"convnet-ntk {c},{c} (BN) Fashion-MNIST batch 100",
+            classifier_steps(
+                "convnet-ntk",
+                "fashion-mnist",
+                {"channels": [c, c], "widths": []},
+                RULES,
+                args.steps,
+                twin_bn,
+            ),
         ),
-        f"RNN {args.rnn_width} units, Add task T=100 batch 30": rnn_steps(
-            args.rnn_width, RNN_RULES, args.steps
+        "rnn": lambda: (
+            f"RNN {args.rnn_width} units, Add task T=100 batch 30",
+            rnn_steps(args.rnn_width, RNN_RULES, args.steps),
         ),
     }
+    chosen = [name.strip() for name in args.setups.split(",") if name.strip()]
+    if any(name not in builders for name in chosen):
+        parser.error(f"--setups takes a subset of {', '.join(builders)}")
+    setups = dict(builders[name]() for name in chosen)
     results = {}
     for name, closures in setups.items():
         results[name] = time_round_robin(closures, args.repeats, args.steps)

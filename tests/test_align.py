@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 import decorrelate.rules.align  # noqa: F401  (registers the align rules)
-from decorrelate import Loss, UserError, build_model, get_rule, resume, train
+from decorrelate import Loss, UserError, build_model, get_rule, make_config, resume, train
 from decorrelate.align import (
     AlignmentProbe,
     SequenceMSE,
@@ -23,8 +23,15 @@ from decorrelate.align import (
     train_add_task,
 )
 from decorrelate.checkpoint import load_checkpoint, read_metrics
-from decorrelate.metrics import alignment_score, alignment_scores, shuffled
+from decorrelate.metrics import (
+    ConvGeometry,
+    alignment_score,
+    alignment_scores,
+    kernel_alignment_score,
+    shuffled,
+)
 from decorrelate.models import NTKScale, VanillaRNN
+from decorrelate.rules import rule_class
 
 TIMING = {"seconds", "epoch_seconds", "eval_seconds"}
 
@@ -166,6 +173,107 @@ def test_align_ada_uses_twin_deltas_and_current_presynaptic_activity():
     torch.testing.assert_close(got_ada["5.weight"], delta.T @ acts["real"][0].detach())
     torch.testing.assert_close(got_zero["5.weight"], delta.T @ acts["twin"][0].detach())
     torch.testing.assert_close(got_ada["5.bias"], delta.sum(0))
+
+
+def bn_backward(a: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """∂L/∂a from ∂L/∂BN(a) for batch norm with batch statistics per channel (no affine)."""
+    dims = (0, 2, 3)
+    mean, var = a.mean(dims, keepdim=True), a.var(dims, unbiased=False, keepdim=True)
+    std = (var + eps).sqrt()
+    xhat = (a - mean) / std
+    return (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True)) / std
+
+
+def conv_update(x: torch.Tensor, delta: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Σ over samples and positions of δ ⊗ input patch, shaped like the kernel."""
+    patches = nn.functional.unfold(x, conv.kernel_size, padding=conv.padding)  # [B, C_in·9, L]
+    return torch.einsum("bol,bil->oi", delta.flatten(2), patches).reshape(conv.weight.shape)
+
+
+def test_align_ada_mixes_through_the_real_networks_batchnorm_by_default():
+    """ΔW = BN_realᵀ(δ at the twin's BN output) ⊗ current input, written out by hand."""
+    model = ntk_convnet()
+    loss = Loss("cross-entropy")
+    real_mix, twin_mix = get_rule("align-ada"), get_rule("align-ada", bn_mixing="twin")
+    real_mix.attach(model, loss)
+    twin_mix.attach(model, loss)
+    sgd_steps(model, loss, steps=4, lr=0.5, case="convnet-bn")  # BN statistics now differ
+    x, y = batch("convnet-bn", seed=3)
+    got_real = rule_grads(real_mix, model, x, y)
+    got_twin = rule_grads(twin_mix, model, x, y)
+
+    twin = real_mix.twin
+    seen: dict[str, tuple] = {}
+    hooks = [
+        net[i].register_forward_hook(lambda m, a, o, k=(tag, i): seen.__setitem__(k, (a[0], o)))
+        for tag, net in (("real", model), ("twin", twin))
+        for i in (1, 2, 6, 7)  # the two convs and their batch norms
+    ]
+    with torch.no_grad():
+        out_t = model(x)
+    out_t.requires_grad_(True)
+    (error,) = torch.autograd.grad(loss(out_t, y), out_t)
+    out0 = twin(x.clone().requires_grad_(True))
+    for h in hooks:
+        h.remove()
+    post = torch.autograd.grad(out0, [seen["twin", 2][1], seen["twin", 7][1]], error)
+    for (conv_i, bn_i), g in zip(((1, 2), (6, 7)), post, strict=True):
+        eps = model[bn_i].eps
+        real_in, real_pre = seen["real", conv_i]
+        twin_pre = seen["twin", conv_i][1].detach()
+        delta_real = bn_backward(real_pre, g, eps)  # the network's own batch statistics
+        delta_twin = bn_backward(twin_pre, g, eps)  # the twin's
+        conv = model[conv_i]
+        for got, delta in ((got_real, delta_real), (got_twin, delta_twin)):
+            expected = conv_update(real_in, delta, conv)
+            torch.testing.assert_close(got[f"{conv_i}.weight"], expected, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(got[f"{conv_i}.bias"], delta.sum((0, 2, 3)))
+        # the two mixing points really differ once the network has moved
+        rel = (got_real[f"{conv_i}.weight"] - got_twin[f"{conv_i}.weight"]).norm()
+        assert rel / got_real[f"{conv_i}.weight"].norm() > 1e-3
+    torch.testing.assert_close(got_real["12.weight"], got_twin["12.weight"])  # no BN: same
+    with pytest.raises(UserError, match="mixing"):
+        get_rule("align-ada", bn_mixing="after")
+    assert rule_class("align-ada").from_config(make_config({})).bn_mixing == "real"
+    twin_cfg = make_config({"align_bn_mixing": "twin"})
+    assert rule_class("align-ada").from_config(twin_cfg).bn_mixing == "twin"
+
+
+@pytest.mark.parametrize("name", ["align-ada", "align-zero"])
+def test_align_rules_match_the_authors_stop_gradient_construction(name):
+    """The authors' TF graph, in torch: twin input x_lin + (x − sg x) after each BN, real layers
+    on sg(x), loss L(f + f_lin − sg f_lin) (align-ada: grads of the real weights) or
+    L(sg f + f_lin − sg f_lin) (align-zero: grads of the twin's weights, applied to the real)."""
+    model = ntk_convnet()
+    loss = Loss("mse-shifted")
+    rule = get_rule(name)
+    rule.attach(model, loss)
+    sgd_steps(model, loss, steps=3, lr=0.5, case="convnet-bn")
+    x, y = batch("convnet-bn", seed=4)
+    got = rule_grads(rule, model, x, y)
+
+    twin = rule.twin
+    lin = {n: p.detach().clone().requires_grad_(True) for n, p in twin.named_parameters()}
+    xr, xl = x, x
+    for i, (m, m0) in enumerate(zip(model, twin, strict=True)):
+        own = {k.split(".", 1)[1]: v for k, v in lin.items() if k.split(".", 1)[0] == str(i)}
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            xr = m(xr.detach())
+        elif isinstance(m, nn.BatchNorm2d):
+            xr = nn.functional.batch_norm(xr, None, None, training=True, eps=m.eps)
+        else:
+            xr = m(xr)
+        xl = functional_call(m0, own, (xl,)) if own else m0(xl)
+        if isinstance(m, nn.BatchNorm2d):
+            xl = xl + (xr - xr.detach())
+    zero = name == "align-zero"
+    value = loss((xr.detach() if zero else xr) + xl - xl.detach(), y)
+    targets = list(lin.values()) if zero else list(model.parameters())
+    expected = torch.autograd.grad(value, targets)
+    for (n, _), e in zip(model.named_parameters(), expected, strict=True):
+        # conv biases before BN get ~0 (rounding) from both: compare on the layer's scale
+        scale = got[n.rsplit(".", 1)[0] + ".weight"].abs().max()
+        torch.testing.assert_close(got[n], e, rtol=0, atol=1e-12 * float(scale))
 
 
 def test_twin_is_frozen_and_batchnorm_statistics_stay_put():
@@ -329,8 +437,86 @@ def test_alignment_score_identical_scaled_disjoint_and_shuffled():
     estimate = alignment_score(tall, tall2, probes=4000, generator=gen)
     assert estimate == pytest.approx(exact, abs=0.03)
     assert math.isnan(alignment_score(torch.zeros(3, 4), torch.ones(3, 4)))
-    conv = alignment_scores({"c": (torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3))})
-    assert set(conv) == {"align_score/c", "align_score_shuffled/c"}
+    kernels = (torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="geometry"):  # a kernel alone is not the operator
+        alignment_scores({"c": kernels})
+    geometry = {"c": ConvGeometry.of(nn.Conv2d(2, 4, 3, padding=1), (5, 5))}
+    conv = alignment_scores({"c": kernels}, geometry=geometry)
+    assert set(conv) == {"align_score/c", "align_score_shuffled/c", "align_score_kernel/c"}
+
+
+def operator_matrix(kernel: torch.Tensor, conv: nn.Conv2d, size) -> torch.Tensor:
+    """The conv's effective matrix [C_out·H'·W', C_in·H·W]: the conv of every basis input."""
+    n = kernel.shape[1] * size[0] * size[1]
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, kernel.shape[1], *size)
+    layer = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        bias=False,
+    ).double()
+    with torch.no_grad():
+        layer.weight.copy_(kernel)
+        return layer(basis).reshape(n, -1).T
+
+
+def gram_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """tr(AᵀA BᵀB) / (‖AᵀA‖_F ‖BᵀB‖_F), straight from the paper's formula."""
+    ga, gb = a.T @ a, b.T @ b
+    return float(
+        torch.trace(ga @ gb) / (torch.linalg.matrix_norm(ga) * torch.linalg.matrix_norm(gb))
+    )
+
+
+@pytest.mark.parametrize(
+    "kernel_size, stride, padding, dilation, size",
+    [(3, 1, 1, 1, (7, 6)), (3, 2, 1, 1, (7, 7)), (5, 2, 0, 1, (9, 8)), (3, 1, 2, 2, (6, 7))],
+)
+def test_conv_alignment_score_is_the_operators(kernel_size, stride, padding, dilation, size):
+    """Score of the conv as a linear map on flattened inputs, against its explicit matrix."""
+    gen = torch.Generator().manual_seed(kernel_size + stride)
+    conv = nn.Conv2d(3, 4, kernel_size, stride, padding, dilation)
+    dw = torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
+    dw_hat = dw + 0.7 * torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
+    geometry = ConvGeometry.of(conv, size)
+    expected = gram_cosine(operator_matrix(dw, conv, size), operator_matrix(dw_hat, conv, size))
+    # sums of O(10³) products of O(1) doubles: exact to ~1e-13
+    assert alignment_score(dw, dw_hat, geometry=geometry) == pytest.approx(expected, abs=1e-12)
+    # it is not the flattened kernel's score (boundary and overlap structure matter)
+    assert abs(kernel_alignment_score(dw, dw_hat) - expected) > 0.02
+    # Hutchinson estimate: relative std of each trace ~ sqrt(2/k) / (effective rank)^½
+    estimate = alignment_score(dw, dw_hat, geometry=geometry, probes=4000, generator=gen)
+    assert estimate == pytest.approx(expected, abs=0.02)
+
+
+def test_alignment_probe_scores_conv_layers_as_operators():
+    model = ntk_convnet()
+    loss = Loss("cross-entropy")
+    probe = AlignmentProbe()
+    probe.attach(model, loss)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for i in range(3):
+        x, y = batch("convnet-bn", seed=20 + i)
+        opt.zero_grad()
+        probe.backward(model, x, y)
+        opt.step()
+    scores = probe.diagnostics()
+    changes = probe.changes()
+    for name, size in (("1", (8, 8)), ("6", (4, 4))):
+        conv = model[int(name)]
+        dw, dw_hat = changes[name]
+        expected = gram_cosine(operator_matrix(dw, conv, size), operator_matrix(dw_hat, conv, size))
+        assert scores[f"align_score/{name}"] == pytest.approx(expected, abs=1e-10)
+        assert scores[f"align_score_kernel/{name}"] == pytest.approx(
+            kernel_alignment_score(dw, dw_hat), abs=1e-12
+        )
+    other = AlignmentProbe()
+    other.attach(ntk_convnet(seed=3), loss)
+    other.load_state_dict(probe.state_dict())
+    assert other.input_sizes == {"1": (8, 8), "6": (4, 4)}
 
 
 # ----------------------------------------------------------------------------- models

@@ -2,12 +2,15 @@
 
 Training flags are generated from :class:`decorrelate.config.TrainConfig`, so every option is
 settable as a flag and from ``--config FILE.yaml|json`` (flags win). A user mistake is one line on
-stderr and exit code 2; a diverged run is one line and exit code 3; never a traceback.
+stderr and exit code 2; a diverged run is one line and exit code 3; a multi-process run that lost
+a process (killed, or silent past ``--dist-timeout``) is one line and exit code 4; a signal
+(SIGINT, SIGTERM, SIGHUP) ends a run like Ctrl-C, exit code 128 + signal; never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,7 +46,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         )
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{meta['help']} (default: {_show(default)})"
+        help_text = meta["help"]
+        if "default" not in help_text:  # a help that explains its default says it once
+            help_text += f" (default: {_show(default)})"
         if meta["kind"] == "bool":
             group.add_argument(
                 flag,
@@ -275,8 +280,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     progress = False if args.no_progress else None
     if args.resume:
         given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-        if args.config:
-            given = {**load_config_file(args.config), **given}
+        if args.config:  # flags win over the file, whichever spelling the file uses
+            from_file = {
+                k.strip().replace("-", "_"): v for k, v in load_config_file(args.config).items()
+            }
+            given = {**from_file, **given}
         result = resume(args.resume, given, log=log, progress=progress)
     else:
         result = train(
@@ -422,10 +430,20 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated(signum)
 
 
+def _line_buffered() -> None:
+    """Print every line as it is made, also into a pipe or a file (a log, ``make demo | tee``),
+    where Python would otherwise hold the lines of a long run back in its buffer."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        with contextlib.suppress(ValueError, OSError):  # a detached stream stays as it is
+            reconfigure(line_buffering=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from . import distributed
 
     parser = build_parser()
+    _line_buffered()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv

@@ -15,10 +15,11 @@ import itertools
 import json
 import multiprocessing
 import os
+import queue
 import re
 import statistics
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,14 +76,32 @@ def _run_one(cfg: TrainConfig, log: Log | None, progress: bool | None) -> list[d
     return train(cfg, log=log, progress=progress).history
 
 
-def _run_quietly(cfg: TrainConfig, keep_going: bool) -> list[dict[str, Any]] | str:
-    """Worker-process entry point: one run, no progress bar, no per-epoch lines."""
+#: In a worker process: where its per-epoch lines go (a queue the parent reads), or None.
+_WORKER_LINES: Any = None
+
+
+def _worker_init(lines: Any) -> None:
+    global _WORKER_LINES
+    _WORKER_LINES = lines
+
+
+def _run_quietly(cfg: TrainConfig, keep_going: bool, label: str = "") -> list[dict[str, Any]] | str:
+    """Worker-process entry point: one run, no progress bar; its per-epoch lines, prefixed
+    with the run's label, go to the parent's log (when it has one) through a queue."""
+    lines = _WORKER_LINES
+    log = None if lines is None else (lambda msg: lines.put(f"{label} seed {cfg.seed}: {msg}"))
     try:
-        return _run_one(cfg, None, False)
+        return _run_one(cfg, log, False)
     except TrainingDiverged as exc:
         if not keep_going:
             raise
         return str(exc)
+
+
+def check_jobs(jobs: int) -> None:
+    """``--jobs`` must be at least 1 (checked before any output folder is made)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
 
 
 def run_plan(
@@ -99,8 +118,7 @@ def run_plan(
     that many worker processes. A run that diverges stops the plan, or with ``keep_going``
     gets ``None`` in place of its history (a learning-rate grid expects some to diverge).
     """
-    if jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    check_jobs(jobs)
     results: list[list[dict[str, Any]] | None] = []
 
     def record(i: int, label: str, cfg: TrainConfig, outcome: list[dict[str, Any]] | str) -> None:
@@ -130,11 +148,33 @@ def run_plan(
     plan = [(label, cfg if cfg.threads else cfg.replace(threads=threads)) for label, cfg in plan]
     # spawn, not fork: torch's thread pools do not survive a fork safely.
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(_run_quietly, cfg, keep_going) for _, cfg in plan]
-        for i, ((label, cfg), future) in enumerate(zip(plan, futures, strict=True), start=1):
-            record(i, label, cfg, future.result())
-        return results
+    lines = ctx.Queue() if log else None  # the workers' per-epoch lines, logged here
+    try:
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(lines,)
+        ) as pool:
+            futures = [pool.submit(_run_quietly, cfg, keep_going, label) for label, cfg in plan]
+            for i, ((label, cfg), future) in enumerate(zip(plan, futures, strict=True), start=1):
+                while not wait([future], timeout=None if lines is None else 0.2).done:
+                    _drain(lines, log)
+                _drain(lines, log)
+                record(i, label, cfg, future.result())
+    finally:
+        if lines is not None:
+            lines.close()
+    return results
+
+
+def _drain(lines: Any, log: Log | None) -> None:
+    """Log the worker lines that have arrived (one line per epoch of every run)."""
+    if lines is None or log is None:
+        return
+    while True:
+        try:
+            line = lines.get_nowait()
+        except queue.Empty:
+            return
+        log(line)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -245,6 +285,7 @@ def run_grid(
 ) -> GridSummary:
     """Run every combination (``jobs`` at a time) and write the summary files into ``out``."""
     sweeps = sweeps or {}
+    check_jobs(jobs)
     if not rules or not decors or not seeds:
         raise UserError("compare needs at least one rule, one decorrelation method and one seed")
     grid = itertools.product(*sweeps.values())
@@ -321,6 +362,7 @@ def run_demo(
     """
     from .config import make_config
 
+    check_jobs(jobs)
     base = {"epochs": epochs, "data_dir": data_dir, "widths": [1000, 1000, 1000, 1000]}
     base.update(overrides or {})
     plan = []

@@ -330,6 +330,15 @@ class TrainConfig:
         "bool",
         group="rule",
     )
+    align_bn_mixing: str = opt(
+        "real",
+        "align-ada: where the twin's backward signal enters a layer followed by batch norm: "
+        "real (after the norm, then through the network's own batch statistics, as the authors' "
+        "code) or twin (at the layer output, through the twin's batch norm)",
+        "str",
+        choices=("real", "twin"),
+        group="rule",
+    )
     alignment_every: int = opt(
         0,
         "every N steps log the angle between each layer's update and the BP gradient (0: off)",
@@ -363,6 +372,13 @@ class TrainConfig:
     batch_size: int = opt(256, "training batch size", "int", check=positive)
     eval_batch_size: int = opt(1000, "evaluation batch size", "int", check=positive)
     epochs: int = opt(5, "training epochs", "int", check=non_negative)
+    max_loss_growth: float = opt(
+        1e3,
+        "stop as diverged (exit 3) once the training loss exceeds this many times its value "
+        "before training (0: never)",
+        "float",
+        check=lambda v: None if v == 0 or v > 1 else "must be 0 (off) or > 1",
+    )
     # run
     seed: int = opt(
         0, "run seed (model init, data order, rule noise)", "int", check=non_negative, group="run"
@@ -533,10 +549,26 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
+def check_no_repeats(keys: Iterable[Any], where: str) -> None:
+    """Refuse a layer that names one option twice (``batch_size`` and ``batch-size``)."""
+    seen: dict[str, Any] = {}
+    for key in keys:
+        name = _normalise_key(key)
+        if name in seen:
+            same = "" if key == seen[name] else f" (as {seen[name]!r} and {key!r})"
+            raise UserError(f"option {name.replace('_', '-')} is given twice in {where}{same}")
+        seen[name] = key
+
+
 def make_config(*layers: Mapping[str, Any] | None) -> TrainConfig:
-    """Merge mappings of options (later ones win) over the defaults, coerce and validate."""
+    """Merge mappings of options (later ones win) over the defaults, coerce and validate.
+
+    Within one mapping an option may appear once: two spellings of it would leave which one
+    wins to the mapping's order.
+    """
     values: dict[str, Any] = {}
     for layer in layers:
+        check_no_repeats((layer or {}).keys(), "one set of options")
         for key, value in (layer or {}).items():
             name = _normalise_key(key)
             if name not in FIELDS:
@@ -548,32 +580,74 @@ def make_config(*layers: Mapping[str, Any] | None) -> TrainConfig:
     return validate(TrainConfig(**expand_shorthands(values)))
 
 
+class _Pairs(list):
+    """A parsed mapping kept as its (key, value) pairs, in file order, repeats included."""
+
+
+def _yaml_pairs(text: str) -> Any:
+    """``yaml.safe_load``, but every mapping comes back as its list of (key, value) pairs, so a
+    key written twice is seen (PyYAML would keep the last silently)."""
+    import yaml
+
+    class PairLoader(yaml.SafeLoader):
+        pass
+
+    def pairs(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Pairs:
+        loader.flatten_mapping(node)
+        return _Pairs(
+            (loader.construct_object(k, deep=True), loader.construct_object(v, deep=True))
+            for k, v in node.value
+        )
+
+    PairLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, pairs)
+    return yaml.load(text, Loader=PairLoader)  # a SafeLoader subclass: plain data only
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON mapping of options (no validation yet: see :func:`make_config`)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+            f"{err.start}); save it as UTF-8"
+        ) from None
+    try:
         if path.suffix.lower() == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_Pairs)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _yaml_pairs(text)
     except Exception as err:  # malformed file: report it in one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot parse config file {path}: {first}") from None
     if data is None:
         return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, _Pairs):
         raise UserError(f"config file {path} must hold a mapping of option: value")
-    return data
+    check_no_repeats((key for key, _ in data), f"config file {path}")
+    return {key: _plain(value) for key, value in data}
+
+
+def _plain(value: Any) -> Any:
+    """A nested mapping (pairs) becomes a dict again (option values are scalars or lists)."""
+    if isinstance(value, _Pairs):
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    """Write ``config.json`` atomically (a temp file renamed into place, like the checkpoint)."""
+    from .checkpoint import atomic_write_bytes
+
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    atomic_write_bytes(Path(path), lambda f: f.write(text.encode()))
 
 
 def field_names(group: str | None = None) -> Iterable[str]:

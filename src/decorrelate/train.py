@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,7 @@ RESUME_OVERRIDES = (
     "out",
     "dist_timeout",
     "dist_backend",
+    "max_loss_growth",
 )
 
 
@@ -272,6 +273,7 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         # A sync per step is free on CPU; on a GPU check for divergence less often.
         check_every = 1 if self.device.type == "cpu" else 20
+        limit = self.loss_limit()
         seen = 0
         model.train()
         total = self.steps_per_epoch if max_steps is None else min(max_steps, self.steps_per_epoch)
@@ -298,7 +300,7 @@ class Trainer:
                 if self.sync_grads:
                     dist.average_grads(self.params)
                 if step % check_every == 0:
-                    self._check_finite(epoch, step, out.loss)
+                    self._check_loss(epoch, step, out.loss / self.loss.scale, limit)
                 global_step = (epoch - 1) * self.steps_per_epoch + step
                 if align_every and global_step % align_every == 0:
                     row = {"epoch": epoch, "step": global_step}
@@ -319,8 +321,9 @@ class Trainer:
             torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=self.device)])
         )
         loss_sum, correct, seen = totals[0], int(totals[1]), int(totals[2])
-        if not torch.isfinite(loss_sum):
-            self._diverged(epoch, total - 1, loss_sum)
+        mean_loss = loss_sum / max(1, seen)
+        if not torch.isfinite(mean_loss) or mean_loss > limit:  # same on every rank
+            self._diverged(epoch, total - 1, mean_loss, what="epoch's mean training loss")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
@@ -332,15 +335,47 @@ class Trainer:
             "steps": total,
         }
 
-    def _check_finite(self, epoch: int, step: int, loss: Tensor) -> None:
-        """Stop on a non-finite loss; under torch.distributed every rank stops at the same step."""
-        bad = torch.isfinite(loss).logical_not().double().reshape(1)
-        if dist.all_sum(bad).item() > 0:  # on some rank; the same step everywhere
-            self._diverged(epoch, step, loss if not torch.isfinite(loss) else bad.fill_(math.nan))
+    def loss_limit(self) -> float:
+        """The training loss past which the run has diverged although it is still finite.
 
-    def _diverged(self, epoch: int, step: int, value: Tensor) -> None:
+        ``max_loss_growth`` times the loss of the untrained network (epoch 0's ``train_loss``,
+        the mean over the whole training set): a run whose loss grew that much is not
+        learning, however long it would go on (Adam at lr 1e6 reaches 1e15 and stays finite).
+        ``inf`` when the check is off (0) or before epoch 0 has been measured.
+        """
+        growth = self.config.max_loss_growth
+        start = self.history[0]["train_loss"] if self.history else None
+        if not growth or start is None or not start > 0:
+            return math.inf
+        return growth * start
+
+    def _check_loss(self, epoch: int, step: int, loss: Tensor, limit: float) -> None:
+        """Stop on a non-finite loss or one past ``limit``; under torch.distributed every rank
+        stops at the same step (the verdicts are summed)."""
+        bad = torch.logical_or(loss.isfinite().logical_not(), loss > limit)
+        if dist.all_sum(bad.double().reshape(1)).item() > 0:  # on some rank, at this step
+            self._diverged(epoch, step, loss if bad else None)
+
+    def _diverged(
+        self,
+        epoch: int,
+        step: int,
+        value: Tensor | None,
+        what: str = "training loss",
+    ) -> NoReturn:
+        """Raise :class:`TrainingDiverged`, naming the loss, the rule and what to lower."""
+        if value is None:
+            happened = f"{what} diverged on another process"
+        elif torch.isfinite(value):
+            start = self.history[0]["train_loss"]
+            happened = (
+                f"{what} grew to {value.item():.3g}, over {self.config.max_loss_growth:g}x its "
+                f"{start:.4g} before training (--max-loss-growth)"
+            )
+        else:
+            happened = f"{what} became {value.item()}"
         raise TrainingDiverged(
-            f"training loss became {value.item()} at epoch {epoch}, step {step} "
+            f"{happened} at epoch {epoch}, step {step} "
             f"(rule {self.config.rule}, {self.config.optimizer} lr {self.config.lr:g}); "
             f"lower --lr; the last good checkpoint is kept"
         )
@@ -534,13 +569,19 @@ def resume(
     state = ckpt.load_checkpoint(path)
     overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
     saved = state["config"]
-    changed = [k for k, v in overrides.items() if k not in RESUME_OVERRIDES and saved.get(k) != v]
+    # Compare resolved values (``--seed 0`` is the saved 0, ``--rule danp`` is anp + copi).
+    before = make_config(saved)
+    cfg = make_config(saved, overrides, {"out": str(path)})
+    changed = [
+        name.replace("_", "-")
+        for name in before.to_dict()
+        if name not in RESUME_OVERRIDES and getattr(cfg, name) != getattr(before, name)
+    ]
     if changed:
         raise UserError(
             f"cannot change {', '.join(changed)} when resuming; only "
-            f"{', '.join(RESUME_OVERRIDES)} may differ"
+            f"{', '.join(n.replace('_', '-') for n in RESUME_OVERRIDES)} may differ"
         )
-    cfg = make_config(saved, overrides, {"out": str(path)})
     for name, spec in code_references(cfg).items():
         if overrides.get(name) != spec:
             flag = "--" + name.replace("_", "-")

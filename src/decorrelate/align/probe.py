@@ -5,7 +5,9 @@ accumulate ΔŴ = Σ_t u_t, where u_t is the align-zero update driven by the *BP
 error on the same batch (back-propagated through the frozen initial twin, times the twin's input
 activity). The score per layer is the cosine between ΔWᵀΔW and ΔŴᵀΔŴ
 (:func:`decorrelate.metrics.alignment_score`); a shuffled ΔŴ gives the chance-level control.
-In wide networks it should approach 1.
+A convolution is scored as the linear operator it applies to its flattened input, as in the
+paper, so the probe records each conv layer's input size; the flattened-kernel score is logged
+too, as ``align_score_kernel/<layer>``. In wide networks the score should approach 1.
 
 :class:`AlignmentProbe` is a learning rule (it fills ``.grad`` exactly like ``bp``) whose
 :meth:`~AlignmentProbe.diagnostics` report the scores, so the ordinary training loop logs them in
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..metrics import alignment_scores
+from ..metrics import ConvGeometry, alignment_scores
 from ..rules.align import AlignZero
 from ..rules.base import LearningRule, StepOutput
 from ..rules.layers import inner_layer
@@ -40,7 +42,9 @@ class AlignmentProbe(LearningRule):
         self.zero = AlignZero()
         self.initial: dict[str, Tensor] = {}
         self.predicted: dict[str, Tensor] = {}
+        self.input_sizes: dict[str, tuple[int, int]] = {}  # conv layers: (H, W) of their input
         self._layers: dict[str, nn.Module] = {}
+        self._handles: list[Any] = []
 
     def attach(
         self,
@@ -54,6 +58,31 @@ class AlignmentProbe(LearningRule):
         self._layers = {name: inner_layer(m) for name, m in self.zero.points}
         self.initial = {n: layer.weight.detach().clone() for n, layer in self._layers.items()}
         self.predicted = {n: torch.zeros_like(w) for n, w in self.initial.items()}
+        self._handles = [
+            module.register_forward_pre_hook(self._size_hook(name))
+            for name, module in self.zero.points
+            if isinstance(inner_layer(module), nn.Conv2d)
+        ]
+
+    def _size_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.input_sizes[name] = tuple(int(s) for s in args[0].shape[-2:])
+
+        return hook
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.zero.detach()
+        super().detach()
+
+    def geometry(self) -> dict[str, ConvGeometry]:
+        """The operator geometry of every conv layer that has run (its input size and sweep)."""
+        return {
+            name: ConvGeometry.of(self._layers[name], size)
+            for name, size in self.input_sizes.items()
+        }
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         output = model(x)
@@ -74,17 +103,22 @@ class AlignmentProbe(LearningRule):
         }
 
     def diagnostics(self) -> dict[str, float]:
-        """``align_score/<layer>`` and ``align_score_shuffled/<layer>`` (nan before training)."""
+        """``align_score/``, ``align_score_shuffled/`` and, for convs, ``align_score_kernel/``."""
         changes = self.changes()
         if all(float(dw.abs().max()) == 0 for dw, _ in changes.values()):
             return {}
         gen = torch.Generator().manual_seed(0)  # the control's shuffle is the same every epoch
-        return alignment_scores(changes, probes=self.probes, generator=gen)
+        return alignment_scores(
+            changes, probes=self.probes, generator=gen, geometry=self.geometry()
+        )
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(
-            twin=self.zero.state_dict()["twin"], initial=self.initial, predicted=self.predicted
+            twin=self.zero.state_dict()["twin"],
+            initial=self.initial,
+            predicted=self.predicted,
+            input_sizes=dict(self.input_sizes),
         )
         return state
 
@@ -94,3 +128,4 @@ class AlignmentProbe(LearningRule):
         for key in ("initial", "predicted"):
             for name, value in state.get(key, {}).items():
                 getattr(self, key)[name].copy_(value)
+        self.input_sizes.update({n: tuple(v) for n, v in state.get("input_sizes", {}).items()})

@@ -17,6 +17,12 @@ without propagating errors through the *current* weights:
 * ``last-layer``: train the readout only (plain gradient); every other layer stays at its
   initial value. The paper's "training the last layer only" baseline.
 
+Batch norm. Where a layer's output goes straight into batch norm, align-ada by default takes
+the twin's δ at the norm's output and carries it to the layer through the *real* network's
+batch norm (its current batch statistics), as the authors' code does; ``bn_mixing="twin"``
+(``--align-bn-mixing twin``) takes δ at the layer's output instead, through the twin's norm.
+See :class:`AlignAda`. align-zero uses the twin throughout (no choice to make).
+
 How the twin rules work (one vectorised pass each, no per-sample loops):
 
 1. the real network runs forward without an autograd graph; forward hooks on every layer (each
@@ -24,7 +30,9 @@ How the twin rules work (one vectorised pass each, no per-sample loops):
    needs it; e = ∂L/∂output is taken on the detached output;
 2. the twin runs forward *with* a graph; the same hooks record each layer's input a_{l−1,0} and
    output h_{l,0} (made a graph leaf where nothing upstream requires grad);
-3. one ``torch.autograd.grad(twin_output, [h_l...], grad_outputs=e)`` gives every δ_{l,0};
+3. one ``torch.autograd.grad(twin_output, [h_l...], grad_outputs=e)`` gives every δ_{l,0}
+   (for align-ada's default batch-norm mixing, at the norm's output, then through the real
+   network's norm by :func:`norm_vjp`);
 4. ΔW_l = δ_{l,0} aᵀ (a matmul, or ``conv2d_weight`` for convolutions), Δb_l = Σ δ_{l,0};
    these are written into the real network's ``.grad``.
 
@@ -43,12 +51,14 @@ backward of the twin, plus one weight-gradient product per layer — about BP pl
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import UserError
 from ..nn import capturing
@@ -60,34 +70,51 @@ from .layers import accumulate_grad, inner_layer, local_weight_grad, trainable_l
 
 
 class _Recorder:
-    """Forward hooks on a list of layers that record (input, output) of every call while on."""
+    """Forward hooks on a list of layers that record (input, output) of every call while on.
 
-    def __init__(self, modules: list[nn.Module], leaf_outputs: bool) -> None:
+    With ``norms`` (batch-norm modules), a norm that consumes the output of a recorded layer call
+    directly is noted in ``mixed[(layer index, call index)] = (norm, its input, its output)``:
+    where align-ada may inject the twin's backward signal after the norm instead of before it.
+    """
+
+    def __init__(
+        self, modules: list[nn.Module], leaf_outputs: bool, norms: Sequence[nn.Module] = ()
+    ) -> None:
         self.modules = modules
         self.leaf_outputs = leaf_outputs
+        self.keep_outputs = leaf_outputs or bool(norms)
         self.inputs: list[list[Tensor]] = [[] for _ in modules]
         self.outputs: list[list[Tensor]] = [[] for _ in modules]
+        self.mixed: dict[tuple[int, int], tuple[nn.Module, Tensor, Tensor]] = {}
+        self._by_id: dict[int, tuple[int, int]] = {}
         self.on = False
         self._handles = [m.register_forward_hook(self._hook_for(i)) for i, m in enumerate(modules)]
+        self._handles += [m.register_forward_hook(self._norm_hook) for m in norms]
 
     def _hook_for(self, index: int):
         def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
             if not self.on:
                 return None
             self.inputs[index].append(args[0].detach())
-            if not self.leaf_outputs:
+            if not self.keep_outputs:
                 return None
-            if not out.requires_grad:  # first layer of a frozen net: make δ reachable here
+            replaced = self.leaf_outputs and not out.requires_grad
+            if replaced:  # first layer of a frozen net: make δ reachable here
                 out = out.detach().requires_grad_(True)
-            self.outputs[index].append(out)
-            return out
+            self._by_id[id(out)] = (index, len(self.outputs[index]))
+            self.outputs[index].append(out)  # kept alive, so its id stays unique
+            return out if replaced else None
 
         return hook
 
+    def _norm_hook(self, module: nn.Module, args: tuple, out: Tensor) -> None:
+        key = self._by_id.get(id(args[0])) if self.on else None
+        if key is not None:
+            self.mixed[key] = (module, args[0], out)
+
     @contextmanager
     def recording(self) -> Iterator[None]:
-        self.inputs = [[] for _ in self.modules]
-        self.outputs = [[] for _ in self.modules]
+        self.clear()
         self.on = True
         try:
             yield
@@ -97,11 +124,32 @@ class _Recorder:
     def clear(self) -> None:
         self.inputs = [[] for _ in self.modules]
         self.outputs = [[] for _ in self.modules]
+        self.mixed, self._by_id = {}, {}
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _batch_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def norm_vjp(norm: nn.Module, x: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` (at the norm's output) carried back through batch norm ``norm`` as it ran on ``x``.
+
+    Recomputes the normalisation with the statistics the module used — the batch's own in
+    training mode, the running ones in eval mode — without touching its running statistics.
+    """
+    batch_stats = norm.training or norm.running_mean is None
+    mean = None if batch_stats else norm.running_mean
+    var = None if batch_stats else norm.running_var
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        y = F.batch_norm(x, mean, var, norm.weight, norm.bias, batch_stats, 0.0, norm.eps)
+        (out,) = torch.autograd.grad(y, x, grad.to(y.dtype))
+    return out
 
 
 def check_align_model(model: nn.Module, points: list[tuple[str, nn.Module]]) -> None:
@@ -123,6 +171,10 @@ class _TwinAlign(LearningRule):
 
     #: Where the presynaptic activity comes from: ``twin`` (zero) or ``current`` (ada).
     presynaptic: ClassVar[str] = "twin"
+    #: Where δ_{l,0} is taken for a layer whose output goes straight into batch norm: ``twin``
+    #: (at the layer's output, i.e. through the twin's batch norm) or ``real`` (at the norm's
+    #: output in the twin, then through the real network's batch norm). See :class:`AlignAda`.
+    bn_mixing: str = "twin"
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,9 +198,14 @@ class _TwinAlign(LearningRule):
         self.twin = make_twin(model)
         twin_modules = dict(self.twin.named_modules())
         self.twin_points = [twin_modules[name] for name, _ in self.points]
-        self._twin = _Recorder(self.twin_points, leaf_outputs=True)
+        real_norms = _batch_norms(model) if self.bn_mixing == "real" else []
+        self._twin = _Recorder(
+            self.twin_points, leaf_outputs=True, norms=[twin_modules[n] for n, _ in real_norms]
+        )
         if self.presynaptic == "current":
-            self._real = _Recorder([m for _, m in self.points], leaf_outputs=False)
+            self._real = _Recorder(
+                [m for _, m in self.points], leaf_outputs=False, norms=[m for _, m in real_norms]
+            )
 
     def detach(self) -> None:
         for recorder in (self._real, self._twin):
@@ -170,7 +227,12 @@ class _TwinAlign(LearningRule):
         return output.detach(), loss.detach(), error
 
     def twin_deltas(self, x: Tensor, error: Tensor) -> list[list[Tensor]]:
-        """δ_{l,0} at every call of every layer: ``error`` back-propagated through the twin."""
+        """δ_{l,0} at every call of every layer: ``error`` back-propagated through the twin.
+
+        Taken at the layer's output, or — with ``bn_mixing = "real"`` where a batch norm consumes
+        that output — at the norm's output (then :meth:`layer_updates` carries it on through the
+        real network's norm).
+        """
         twin, recorder = self.twin, self._twin
         twin.train(self.model.training)
         with recorder.recording(), torch.enable_grad(), capturing(twin, False):
@@ -180,7 +242,11 @@ class _TwinAlign(LearningRule):
                 f"the twin's output {tuple(out0.shape)} does not match the network's "
                 f"{tuple(error.shape)}; attach the rule to the model it trains"
             )
-        flat = [h for calls in recorder.outputs for h in calls]
+        flat = [
+            recorder.mixed[i, j][2] if (i, j) in recorder.mixed else h
+            for i, calls in enumerate(recorder.outputs)
+            for j, h in enumerate(calls)
+        ]
         grads = torch.autograd.grad(
             out0, flat, grad_outputs=error.to(out0.dtype), allow_unused=True
         )
@@ -207,11 +273,27 @@ class _TwinAlign(LearningRule):
                 )
             if not ds:
                 continue
+            if self._real is not None and self.bn_mixing == "real":
+                ds = self._through_real_norms(name, i, ds)
             layer = inner_layer(module)
             owner = module if self.presynaptic == "current" else self.twin_points[i]
             gw, gb = local_weight_grad(owner, inputs, ds)  # decorrelated: through R's owner
             updates.append((layer, gw.reshape(layer.weight.shape), gb))
         return updates
+
+    def _through_real_norms(self, name: str, index: int, deltas: list[Tensor]) -> list[Tensor]:
+        """δ at a twin norm's output → δ at the real layer's output, through the real norm."""
+        out = []
+        for call, delta in enumerate(deltas):
+            key = (index, call)
+            real, twin = self._real.mixed.get(key), self._twin.mixed.get(key)
+            if (real is None) != (twin is None):
+                raise RuntimeError(
+                    f"{name}'s output went into batch norm in only one of the network and its "
+                    "twin; align rules need the same computation graph in both"
+                )
+            out.append(delta if real is None else norm_vjp(real[0], real[1], delta))
+        return out
 
     def updates_for_error(self, x: Tensor, error: Tensor) -> list[tuple[nn.Module, Tensor, Tensor]]:
         """The rule's per-layer updates for an output ``error`` given from outside.
@@ -276,7 +358,7 @@ def make_twin(model: nn.Module) -> nn.Module:
     for p in twin.parameters():
         p.requires_grad_(False)
     for m in twin.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, _BatchNorm):
             m.momentum = 0.0  # running statistics stay those of initialisation
     return twin
 
@@ -288,11 +370,50 @@ class AlignZero(_TwinAlign):
     presynaptic = "twin"
 
 
+#: Where align-ada injects the twin's backward signal into a layer followed by batch norm.
+BN_MIXING = ("real", "twin")
+
+
 @register_rule("align-ada")
 class AlignAda(_TwinAlign):
-    """ΔW_l = δ_{l,0} a_{l−1,t}ᵀ: the twin's backward signal, the current presynaptic activity."""
+    """ΔW_l = δ_{l,0} a_{l−1,t}ᵀ: the twin's backward signal, the current presynaptic activity.
+
+    ``bn_mixing`` says where the twin's backward signal meets the real network when a layer's
+    output goes straight into batch norm (conv → BN → f, as in the paper's conv nets):
+
+    * ``"real"`` (default, the authors' code): δ is taken in the twin at the norm's *output* and
+      carried back to the layer's output through the **real** network's batch norm — its batch
+      statistics on the current activity — so ΔW_l = BN_t′ᵀ(δ_{l,0}^{post}) a_{l−1,t}ᵀ. The
+      correction then adapts to the current network like the presynaptic activity does; this is
+      what the authors' stop-gradient construction x_lin + x − sg(x) placed after each norm
+      computes.
+    * ``"twin"``: δ is taken at the layer's output in the twin, i.e. through the twin's batch
+      norm and its statistics at initialisation (the literal δ_{l,0} = (∂f_0/∂h_l)ᵀ e).
+
+    Both give BP's update at initialisation and differ once the network moves away from it: on
+    the ``align-width-conv`` net (16 channels) by 33 % per conv layer after one step and by
+    50–200 % over 60 steps (``benchmarks/results/align_fidelity.json``). Layers not
+    followed by batch norm are unaffected. With ``"real"`` the updates equal the authors'
+    construction to rounding (``benchmarks/bench_align_fidelity.py``), except for one point we
+    do not copy: their code mixes the *last* conv layer at the readout's input, after the real
+    network's activation and pooling, so that layer alone would get the current f′ instead of
+    the twin's — at odds with the rule and with how they treat every other layer.
+    """
 
     presynaptic = "current"
+
+    def __init__(self, bn_mixing: str = "real") -> None:
+        super().__init__()
+        if bn_mixing not in BN_MIXING:
+            raise UserError(
+                f"unknown align batch-norm mixing {bn_mixing!r}; choose one of: "
+                f"{', '.join(BN_MIXING)}"
+            )
+        self.bn_mixing = bn_mixing
+
+    @classmethod
+    def from_config(cls, config: Any) -> AlignAda:
+        return cls(bn_mixing=config.align_bn_mixing)
 
 
 # ----------------------------------------------------------------------------- align-prop

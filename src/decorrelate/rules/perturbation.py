@@ -137,7 +137,7 @@ def resolve_noise_spec(spec: str | Sampler, load: bool = False) -> Sampler | Non
     ``(shape, generator, device, dtype) -> Tensor``, or already a callable. Without ``load``
     only the form is checked: nothing is imported or read, so validating a config (one read
     from a checkpoint included) never runs code. With ``load`` a sampler is imported and its
-    signature checked; :func:`check_sampler` then tries it once.
+    signature checked (what it returns is checked at every draw).
     """
     if callable(spec):
         return _checked_signature(spec, getattr(spec, "__name__", repr(spec))) if load else spec
@@ -174,7 +174,7 @@ def _checked_signature(sampler: Sampler, name: str) -> Sampler:
         return sampler
     try:
         signature = inspect.signature(sampler)
-    except (TypeError, ValueError):  # builtins without a signature: tried by check_sampler
+    except (TypeError, ValueError):  # builtins without a signature: checked at each draw
         return sampler
     try:
         signature.bind(None, None, None, None)
@@ -184,32 +184,6 @@ def _checked_signature(sampler: Sampler, name: str) -> Sampler:
             f"its signature is {name.split(':')[-1]}{signature} ({exc})"
         ) from None
     return sampler
-
-
-def check_sampler(
-    sampler: Sampler, generator: torch.Generator | None, device: torch.device, name: str
-) -> None:
-    """Try a user sampler once at set-up: it must return a tensor of the shape asked for.
-
-    The trial draws from a copy of the run's generator (and with torch's global RNG state
-    restored), so the run's random stream is unchanged.
-    """
-    if sampler in SOURCES.values() or isinstance(sampler, RecordedNoise):
-        return
-    trial = None
-    if generator is not None:
-        trial = torch.Generator(device=generator.device)
-        trial.set_state(generator.get_state())
-    shape = (1, 2, 3)
-    with torch.random.fork_rng(devices=[]):
-        try:
-            eps = sampler(shape, trial, device, torch.float32)
-        except Exception as exc:
-            raise UserError(
-                f"the noise sampler {name} failed when called as (shape={shape}, generator, "
-                f"device={device}, dtype=torch.float32): {type(exc).__name__}: {exc}"
-            ) from None
-    _check_draw(eps, shape, name)
 
 
 def _check_draw(eps: Any, shape: tuple[int, ...], name: str) -> None:
@@ -270,9 +244,18 @@ class _Injector:
         return self.sigma * full[:, shard.offset : shard.offset + shard.size]
 
     def _sample(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-        eps = self.sampler(shape, self.generator, device, dtype)
-        if not self.builtin:  # a user's sampler keeps its contract at every draw, not just once
-            _check_draw(eps, shape, self.name)
+        if self.builtin:
+            return self.sampler(shape, self.generator, device, dtype)
+        # A user's sampler: its signature was checked at set-up; what it returns is checked at
+        # every draw (no trial call at set-up: a sampler may keep state or wait on something).
+        try:
+            eps = self.sampler(shape, self.generator, device, dtype)
+        except Exception as exc:
+            raise UserError(
+                f"the noise sampler {self.name} failed when called as (shape={shape}, "
+                f"generator, device={device}, dtype={dtype}): {type(exc).__name__}: {exc}"
+            ) from None
+        _check_draw(eps, shape, self.name)
         return eps
 
     def add(self, index: int, out: Tensor, copies: list[int], batch: int) -> Tensor:
@@ -361,8 +344,6 @@ class NodePerturbation(LearningRule):
     ) -> None:
         super().attach(model, loss, generator)
         self.layers = trainable_layers(model)
-        device = example.device if example is not None else torch.device("cpu")
-        check_sampler(self.sampler, generator, device, self.noise_name)
 
     # -------------------------------------------------------------- schedule of copies
     def plan(self) -> tuple[int, list[list[int]]]:
