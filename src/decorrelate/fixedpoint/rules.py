@@ -41,7 +41,7 @@ from .gradients import (
     reparam_target,
 )
 from .model import RateRNN
-from .solver import FixedPoint, enforce, rounding_floor, within_tol
+from .solver import FixedPoint, attainable_tol, enforce, within_tol
 
 FIXEDPOINT_RULES = ("euclidean", "bptt", "reparam", "linearized", "linearized-g")
 
@@ -233,7 +233,7 @@ class BPTT(FixedPointRule):
         steps = cfg.euler_steps if euler else cfg.max_iter
         X = model.drive(x).detach()
         W = model.W
-        tol = max(cfg.tol, rounding_floor(W.detach(), X))
+        tol = attainable_tol(cfg.tol, W.detach(), X)
         with torch.enable_grad():
             r = torch.zeros_like(X)
             iterations = steps
