@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from decorrelate.checkpoint import load_checkpoint
 from decorrelate.cli import _Parser
 from decorrelate.data import Dataset
 from decorrelate.errors import TrainingDiverged, UserError
@@ -24,7 +25,6 @@ from decorrelate.fixedpoint import (
     RateRNN,
     SolverConfig,
     TargetLoss,
-    euclidean_gradient,
     gradient_wrt_A,
     linearized_update,
     response_matrix,
@@ -36,7 +36,7 @@ from decorrelate.fixedpoint.landscape import line_poles, losses_at, minimiser, r
 from decorrelate.fixedpoint.loop import StepLoop
 from decorrelate.fixedpoint.rules import loss_and_delta
 from decorrelate.fixedpoint.sweep import load_sweep, run_sweep
-from decorrelate.fixedpoint.tasks import evaluate_fixed_points, make_teacher, run_task
+from decorrelate.fixedpoint.tasks import build_model, evaluate_fixed_points, make_teacher, run_task
 from decorrelate.losses import Loss
 from decorrelate.rules import get_rule
 
@@ -176,25 +176,81 @@ def test_linearized_equals_closed_form_linear_rule():
     assert rel_err(lin_g, lin) < 1e-12  # G = I: the two variants coincide
 
 
-def test_linearized_rules_equal_explicit_per_sample_products_for_tanh():
-    model = make_net("tanh", hidden=6)
-    x, y = batch()
+def explicit_tanh_instance(hidden: int = 30, n: int = 6, seed: int = 0):
+    """A tanh network with N = ``hidden`` at its fixed points, and everything the rules need
+    computed from the formulas with explicit float64 matrices: per-sample G_b = diag(1 − tanh²(a_b))
+    at a_b = W r_b + X_b, and δ_b = ∂L/∂r_b = Rᵀ(softmax(R r_b) − onehot(y_b))/B of the mean
+    cross-entropy."""
+    model = make_net("tanh", hidden=hidden, inputs=5, outputs=3, w_scale=0.9, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = 2 * torch.randn(n, 5, generator=gen, dtype=F64)  # large enough that G is far from I
+    y = torch.randint(0, 3, (n,), generator=gen)
     fp = model.fixed_point(x)
-    _, delta = loss_and_delta(model, fp.r, y, Loss("cross-entropy"))
-    W, eye = model.W.detach(), torch.eye(6, dtype=F64)
-    want_lin = torch.zeros_like(W)
-    want_g = torch.zeros_like(W)
-    for b in range(x.shape[0]):  # explicit per-sample matrices: fine in a test
-        G = torch.diag(fp.gain[b])
-        left = eye - W @ G  # I − W G
-        right = eye - G @ W  # I − G W
-        grad_b = euclidean_gradient(
-            W, fp.r[b : b + 1], fp.gain[b : b + 1], delta[b : b + 1], "tanh", TIGHT
-        )
-        want_lin += left @ left.T @ grad_b @ right.T @ right
-        want_g += torch.outer(left @ delta[b], right.T @ right @ fp.r[b])
-    assert rel_err(rule_grad("linearized", model, x, y), want_lin) < 1e-10
-    assert rel_err(rule_grad("linearized-g", model, x, y), want_g) < 1e-12
+    W, R = model.W.detach(), model.readout
+    X = x @ model.input_weights.T
+    gains = [torch.diag(1 - torch.tanh(W @ fp.r[b] + X[b]) ** 2) for b in range(n)]
+    p = torch.softmax(fp.r @ R.T, dim=-1)
+    deltas = [R.T @ (p[b] - nn.functional.one_hot(y[b], 3).to(F64)) / n for b in range(n)]
+    return model, x, y, W, fp.r, gains, deltas
+
+
+def test_linearized_g_is_dW4_with_I_minus_WG_in_both_factors():
+    """dW4 = Σ_b [(I − W G_b) δ_b] [(I − W G_b)ᵀ(I − W G_b) r_b]ᵀ (paper, authors' Set_Grad_dW4)."""
+    model, x, y, W, r, gains, deltas = explicit_tanh_instance()
+    eye = torch.eye(W.shape[0], dtype=F64)
+    want = torch.zeros_like(W)
+    wrong = torch.zeros_like(W)  # the former right factor (I − G W)ᵀ(I − G W) r
+    for G, delta, r_b in zip(gains, deltas, r, strict=True):  # explicit matrices: fine in a test
+        left = eye - W @ G
+        want += torch.outer(left @ delta, left.T @ left @ r_b)
+        wrong += torch.outer(left @ delta, (eye - G @ W).T @ (eye - G @ W) @ r_b)
+    got = rule_grad("linearized-g", model, x, y)
+    assert rel_err(got, want) < 1e-10
+    assert rel_err(wrong, want) > 0.1  # the two factors differ a lot on this network
+
+
+def test_linearized_is_dW3_and_euclidean_is_dW1_from_explicit_matrices():
+    model, x, y, W, r, gains, deltas = explicit_tanh_instance()
+    eye = torch.eye(W.shape[0], dtype=F64)
+    dW1 = torch.zeros_like(W)
+    dW3 = torch.zeros_like(W)
+    dW3_metric = torch.zeros_like(W)
+    for G, delta, r_b in zip(gains, deltas, r, strict=True):
+        grad_b = torch.outer(torch.linalg.inv(torch.linalg.inv(G) - W).T @ delta, r_b)
+        dW1 += grad_b  # (G⁻¹ − W)⁻ᵀ δ rᵀ
+        left, right = eye - W @ G, eye - G @ W
+        dW3 += torch.outer(left @ G @ delta, right.T @ right @ r_b)
+        dW3_metric += left @ left.T @ grad_b @ right.T @ right  # the same, via ∇_W L
+    assert rel_err(rule_grad("euclidean", model, x, y), dW1) < 1e-10
+    assert rel_err(rule_grad("linearized", model, x, y), dW3) < 1e-10
+    assert rel_err(dW3_metric, dW3) < 1e-10
+
+
+@pytest.mark.parametrize("rule", ["euclidean", "reparam", "linearized", "linearized-g"])
+def test_one_teacher_step_at_the_papers_lr_is_the_notebooks_step(rule, tmp_path):
+    """The loss is the paper's J = (1/m) Σ_b ‖r_b − r̂_b‖² (no ½), so one step of ours at the
+    paper's η is the authors' notebook step (LinearNDdW123, column form, X: [N, m]):
+    dW1: W − η (2/m) Aᵀ(AX − r̂)(AX)ᵀ; dW2: I − (A − η (2/m)(AX − r̂)Xᵀ)⁻¹;
+    dW3: W − η (2/m) (X − (I − W) r̂) Xᵀ (I − W) (dW4 = dW3 in a linear network)."""
+    lr, n, m = 0.3, 12, 8
+    cfg = tiny_teacher(rule=rule, lr=lr, hidden=n, samples=m, steps=1)
+    outcome = run_task(cfg, tmp_path / "run")
+    W1 = load_checkpoint(tmp_path / "run" / "model.pt")["model"]["W"]
+    data = make_teacher(n, m, cfg.seed, F64)
+    W0 = build_model(cfg.resolved(), None, None).W.detach()  # the same seeded draw as the run
+    X, r_hat, eye = data.X.T, data.target.T, torch.eye(n, dtype=F64)  # column form
+    A = torch.linalg.inv(eye - W0)
+    AX = A @ X
+    if rule == "euclidean":
+        want = W0 - lr * (2 / m) * A.T @ (AX - r_hat) @ AX.T
+    elif rule == "reparam":
+        want = eye - torch.linalg.inv(A - lr * (2 / m) * (AX - r_hat) @ X.T)
+    else:
+        want = W0 - lr * (2 / m) * (X - (eye - W0) @ r_hat) @ X.T @ (eye - W0)
+    assert rel_err(W1 - W0, want - W0) < 1e-10
+    assert outcome.rows[0]["loss"] == pytest.approx(
+        float((AX - r_hat).square().sum()) / m, rel=1e-12
+    )
 
 
 def test_reparam_moves_A_exactly_one_gradient_step():
@@ -254,6 +310,27 @@ def test_solver_residual_is_below_tolerance(method, activation):
     assert fp.iterations >= 1
     if method == "newton" and activation == "identity":
         assert fp.iterations == 1  # one shared LU solve is exact
+
+
+def test_float32_verdict_holds_however_the_batch_is_split():
+    """A settled point must pass whichever rows it is measured with: the active-set iterations
+    measure sub-batches and the verdict the whole batch, whose float32 matmuls round differently.
+    (At a tolerance of one rounding floor, settled MNIST samples failed the verdict.)"""
+    gen = torch.Generator().manual_seed(0)
+    solver = SolverConfig(tol=1e-9, on_nonconvergence="skip")  # below float32's floor
+    model = RateRNN(300, 100, None, w_scale=0.7, solver=solver, generator=gen)
+    x = 3 * torch.randn(512, 100, generator=gen)
+    fp = model.fixed_point(x)
+    assert fp.num_failed == 0
+    W, X = model.W.detach(), fp.drive
+    for size in (1, 7, 64, 512):
+        res = torch.cat(
+            [
+                (r - torch.tanh(r @ W.T + X_)).abs().amax(-1)
+                for r, X_ in zip(fp.r.split(size), X.split(size), strict=True)
+            ]
+        )
+        assert bool((res <= fp.tolerance).all()), size
 
 
 def test_methods_agree_on_the_fixed_point():
@@ -412,6 +489,67 @@ def test_runs_are_deterministic_in_the_seed():
     assert torch.equal(t1.target, t2.target)
 
 
+def max_re_eig_explicit(M: torch.Tensor) -> float:
+    return float(torch.linalg.eigvals(M).real.max())
+
+
+def test_final_stability_is_that_of_the_final_W_and_an_unstable_W_is_flagged(tmp_path, capsys):
+    # Only step 1 is diagnosed (diag-every 1000); Euclidean descent at lr 1e5 then throws W far
+    # out. The linear solver still returns r = (I − W)⁻¹X, so the loss alone does not show it.
+    out = tmp_path / "blown"
+    argv = ["--rule", "euclidean", "--lr", "1e5", "--diag-every", "1000", *TINY]
+    assert fp_cli.run(parse(*argv, "--out", str(out))) == 0
+    printed = capsys.readouterr().out.splitlines()
+    summary = json.loads((out / "summary.json").read_text())
+    W = load_checkpoint(out / "model.pt")["model"]["W"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    last_diagnosed = [r["max_re_eig_W"] for r in rows if "max_re_eig_W" in r][-1]
+    assert last_diagnosed < 1  # what used to be reported as "final"
+    assert summary["max_re_eig_W_final"] == pytest.approx(max_re_eig_explicit(W), rel=1e-9)
+    assert summary["max_re_eig_W_final"] > 1
+    assert summary["final_unstable"] is True and summary["final_stability"] == "unstable"
+    assert summary["max_re_eig_W_max"] >= summary["max_re_eig_W_final"]
+    warnings = [line for line in printed if line.startswith("warning:")]
+    assert len(warnings) == 1 and "final W is unstable" in warnings[0] and "λ(W)" in warnings[0]
+    # A run that stays stable: the final value is still the final W's, and no warning.
+    out = tmp_path / "fine"
+    argv = ["--rule", "linearized", "--lr", "0.3", "--diag-every", "1000", *TINY]
+    assert fp_cli.run(parse(*argv, "--out", str(out))) == 0
+    assert "warning:" not in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    W = load_checkpoint(out / "model.pt")["model"]["W"]
+    assert summary["max_re_eig_W_final"] == pytest.approx(max_re_eig_explicit(W), rel=1e-9)
+    assert summary["final_unstable"] is False and summary["final_stability"] == "stable"
+
+
+def test_final_diagnostics_of_a_tanh_network_use_G_W_at_the_final_fixed_points():
+    solver = SolverConfig(method="damped", damping=1.0, tol=1e-12, max_iter=200)
+    model = make_net("tanh", hidden=20, w_scale=0.5, solver=solver)
+    rule = get_rule("euclidean")
+    rule.attach(model, Loss("cross-entropy"))
+    loop = StepLoop(model, rule, torch.optim.SGD([model.W], lr=0.5), diag_every=100, eig_samples=3)
+    x, y = batch()
+    for _ in range(3):
+        loop.step(x, y)
+    final = loop.final_diagnostics()
+    W = model.W.detach()
+    fp = model.fixed_point(x[:3])
+    want = max(
+        max_re_eig_explicit(torch.diag(1 - torch.tanh(W @ fp.r[b] + fp.drive[b]) ** 2) @ W)
+        for b in range(3)
+    )
+    assert final["max_re_eig_GW_final"] == pytest.approx(want, rel=1e-9)
+    assert final["max_re_eig_W_final"] == pytest.approx(max_re_eig_explicit(W), rel=1e-9)
+    assert final["final_stability"] == "stable" and final["final_unstable"] is False
+    with torch.no_grad():
+        model.W.mul_(8.0)  # chaotic: the solver finds no fixed point
+    final = loop.final_diagnostics()
+    assert final["final_stability"] == "no fixed point" and final["final_unstable"] is True
+    with torch.no_grad():
+        model.W[0, 0] = math.inf
+    assert loop.final_diagnostics()["final_stability"] == "non-finite W"
+
+
 def test_mnist_task_runs_on_synthetic_data_and_beats_chance():
     cfg = FixedPointConfig(
         task="mnist",
@@ -517,6 +655,23 @@ def test_cli_sweep_and_divergence(tmp_path, capsys):
     single = parse("--rule", "linearized", "--lr", "1e6", *TINY, "--out", str(tmp_path / "d"))
     with pytest.raises(TrainingDiverged, match="rule linearized, lr 1e"):
         fp_cli.run(single)
+
+
+def test_cli_no_normalize_reaches_the_dataset_loader(monkeypatch, tmp_path):
+    from decorrelate.fixedpoint import tasks
+
+    seen = {}
+
+    def fake_load(name, **kwargs):
+        seen.update(kwargs)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(tasks, "load_dataset", fake_load)
+    for flags, want in (([], True), (["--no-normalize"], False)):
+        args = parse("--task", "mnist", *flags, "--quiet", "--out", str(tmp_path / str(want)))
+        with pytest.raises(UserError, match="stop here"):
+            fp_cli.run(args)
+        assert seen["normalize"] is want
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,15 @@ def add_parser(subparsers: Any) -> None:
         help="fixed-point rate networks: teacher task, MNIST, loss landscape, lr sweeps",
         description="Train a rate RNN at its fixed point r = f(W r + W_x x) with the Euclidean "
         "gradient or the reparameterised rules (Zhu & Rosenbaum 2024). Comma-separated --rule/--lr "
-        "values run a learning-rate sweep and draw all rules side by side.",
+        "values run a learning-rate sweep and draw all rules side by side. Learning rates follow "
+        "the paper's convention: the linear-teacher loss is J = mean over samples of "
+        "sum_i (r_i - target_i)^2 (no factor 1/2) and the mnist loss the mean cross-entropy, as in "
+        "the paper and the authors' code, so their eta gives the same plain-SGD step here (for "
+        "mnist with --no-normalize: the authors feed pixels in [0, 1], the default here "
+        "standardises them, which changes the gradient's scale). "
+        "At the end of a run the stability of the final W is checked (max Re eig of W, or of G·W "
+        "at the last batch's fixed points) and an unstable W is flagged with a warning line and "
+        "final_unstable in summary.json.",
     )
     d = FixedPointConfig()
     s = SolverConfig()
@@ -63,7 +71,10 @@ def add_parser(subparsers: Any) -> None:
         f"(default: {d.rule})",
     )
     p.add_argument(
-        "--lr", default=str(d.lr), help=f"learning rate(s), comma-separated (default: {d.lr})"
+        "--lr",
+        default=str(d.lr),
+        help="learning rate(s) eta, comma-separated, in the paper's convention (teacher loss "
+        f"mean ||r - target||^2 without 1/2; mean cross-entropy) (default: {d.lr})",
     )
     p.add_argument(
         "--steps", type=int, default=d.steps, help="teacher-task iterations (default: %(default)s)"
@@ -98,6 +109,12 @@ def add_parser(subparsers: Any) -> None:
     g.add_argument("--data-dir", default=None, help="where the dataset files are")
     g.add_argument(
         "--train-size", type=int, default=None, help="use a fixed subset of the training set"
+    )
+    g.add_argument(
+        "--no-normalize",
+        dest="normalize",
+        action="store_false",
+        help="mnist: keep pixels in [0, 1] as the authors do (default: standardise per channel)",
     )
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     g.add_argument(
@@ -226,7 +243,7 @@ def config_from_args(args: argparse.Namespace) -> FixedPointConfig:
 def run(args: argparse.Namespace) -> int:
     """Execute ``decorrelate fixedpoint`` for parsed ``args``; returns the exit code (0)."""
     from .landscape import run_landscape
-    from .sweep import applicable_rules, describe, run_sweep
+    from .sweep import applicable_rules, describe, run_sweep, stability_warning
     from .tasks import run_task
 
     cfg = config_from_args(args)
@@ -255,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out or f"runs/fixedpoint/{cfg.task}-sweep")
         sweep = run_sweep(cfg, rules, lrs, out, log=log)
         print(sweep.table)
+        for line in filter(None, map(stability_warning, sweep.outcomes)):
+            print(line)
         for path in sweep.files:
             print(f"wrote {path}")
         return 0
@@ -264,4 +283,7 @@ def run(args: argparse.Namespace) -> int:
     if outcome.diverged:
         raise TrainingDiverged(f"{outcome.diverged}; metrics so far are in {out}")
     print("done: " + describe(outcome).strip() + f"  -> {out}")
+    warning = stability_warning(outcome)
+    if warning:
+        print(warning)
     return 0

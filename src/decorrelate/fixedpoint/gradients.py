@@ -8,7 +8,9 @@ the batch). With B_b = G_b⁻¹ − W and A_b = B_b⁻¹ (r = A X for a linear n
 * Euclidean:  ∇_W L = Σ_b G_b (I − WᵀG_b)⁻¹ δ_b r_bᵀ = Σ_b A_bᵀ δ_b r_bᵀ       (adjoint solves)
 * linearized: Σ_b [(I − W G) G δ] [(I − G W)ᵀ (I − G W) r]ᵀ                    (no inverse)
   which for a linear network is B (∇_A L) B = (BBᵀ) ∇_W L (BᵀB), B = I − W.
-* linearized-g: Σ_b [(I − W G) δ] [(I − G W)ᵀ (I − G W) r]ᵀ                   (= the above if G = I)
+* linearized-g: Σ_b [(I − W G) δ] [(I − W G)ᵀ (I − W G) r]ᵀ                   (= the above if G = I)
+  (dW4: *both* factors carry I − W G, as in the paper and the authors' ``Set_Grad_dW4``; only
+  dW3's right factor has I − G W.)
 * reparam (linear only): A' = A − η ∇_A L with ∇_A L = Σ_b δ_b X_bᵀ, W' = I − A'⁻¹.
 
 All of them are O(B·N²) matmuls except the Euclidean adjoint solve (see :func:`solve_adjoint`).
@@ -36,16 +38,22 @@ def _right_factor(W: Tensor, r: Tensor, g: Tensor) -> Tensor:
     return q - (g * q) @ W
 
 
+def _right_factor_wg(W: Tensor, r: Tensor, g: Tensor) -> Tensor:
+    """v = (I − W G)ᵀ (I − W G) r per sample, as q = r − W (g ⊙ r), v = q − g ⊙ (Wᵀ q)."""
+    q = r - (g * r) @ W.T
+    return q - g * (q @ W)
+
+
 def linearized_update(W: Tensor, r: Tensor, g: Tensor, delta: Tensor) -> Tensor:
-    """Σ_b u_b v_bᵀ with u = (I − W G) G δ = g ⊙ δ − W (g² ⊙ δ) and v as in ``_right_factor``."""
+    """dW3: Σ_b u_b v_bᵀ, u = (I − W G) G δ = g ⊙ δ − W (g² ⊙ δ), v = (I − G W)ᵀ(I − G W) r."""
     u = g * delta - (g * g * delta) @ W.T
     return u.T @ _right_factor(W, r, g)
 
 
 def linearized_g_update(W: Tensor, r: Tensor, g: Tensor, delta: Tensor) -> Tensor:
-    """Σ_b u_b v_bᵀ with u = (I − W G) δ = δ − W (g ⊙ δ) (the later variant, dW4)."""
+    """dW4: Σ_b u_b v_bᵀ, u = (I − W G) δ = δ − W (g ⊙ δ), v = (I − W G)ᵀ(I − W G) r."""
     u = delta - (g * delta) @ W.T
-    return u.T @ _right_factor(W, r, g)
+    return u.T @ _right_factor_wg(W, r, g)
 
 
 def gradient_wrt_A(X: Tensor, delta: Tensor) -> Tensor:

@@ -1,10 +1,11 @@
 """The loss landscape of the linear teacher task around a minimiser, with its poles.
 
-For a linear network the loss L(W) = ½⟨‖(I − W)⁻¹X − r̂‖²⟩ is a rational function of W with poles
-wherever I − W is singular. Along a line W* + tD that happens at t = 1/μ for every *real*
-eigenvalue μ of A*D (A* = (I − W*)⁻¹), because I − W* − tD = (I − W*)(I − t A*D). The tool draws
-the loss on a log scale along a few random lines (poles marked by dotted verticals) and on a
-random plane through the minimiser (poles show as bright ridges), and writes the numbers.
+For a linear network the loss L(W) = ⟨‖(I − W)⁻¹X − r̂‖²⟩ (the paper's J) is a rational function
+of W with poles wherever I − W is singular. Along a line W* + tD that happens at t = 1/μ for
+every *real* eigenvalue μ of A*D (A* = (I − W*)⁻¹), because I − W* − tD = (I − W*)(I − t A*D).
+The tool draws the loss on a log scale along a few random lines (poles marked by dotted
+verticals) and on a random plane through the minimiser (poles show as bright ridges), and writes
+the numbers.
 
 The minimiser: with m < N samples the teacher task has a whole affine family of exact solutions
 in A. W* is the one whose response matrix is the teacher's projected onto it,
@@ -26,6 +27,7 @@ from .. import checkpoint as ckpt
 from ..plotting import _pyplot
 from ..seeding import make_generator
 from .config import FixedPointConfig
+from .losses import TargetLoss
 from .tasks import TeacherData, json_safe, make_teacher, prepare_run_dir
 
 #: Grid points solved per batched call (bounds memory: CHUNK·N² values).
@@ -56,14 +58,17 @@ def minimiser(data: TeacherData) -> Tensor:
 
 
 def losses_at(weights: Tensor, data: TeacherData) -> Tensor:
-    """½⟨‖r − r̂‖²⟩ with r = (I − W)⁻¹X for a batch of weight matrices ``[K, N, N]``."""
+    """The teacher loss ⟨‖r − r̂‖²⟩ (:class:`TargetLoss`) with r = (I − W)⁻¹X for a batch of
+    weight matrices ``[K, N, N]``."""
     n = weights.shape[-1]
     eye = torch.eye(n, dtype=weights.dtype)
     out = []
     for chunk in weights.split(CHUNK):
         r = torch.linalg.solve(eye - chunk, data.X.T.expand(chunk.shape[0], -1, -1))  # [k, N, m]
-        err = r.transpose(1, 2) - data.target
-        out.append(0.5 * err.square().sum(-1).mean(-1))
+        per_sample = TargetLoss()(
+            r.transpose(1, 2), data.target.expand_as(r.transpose(1, 2)), "none"
+        )
+        out.append(per_sample.mean(-1))
     return torch.cat(out)
 
 

@@ -6,6 +6,8 @@ classification, solver residual/iterations/non-converged count), and every ``dia
 it also carries the costlier diagnostics: max Re λ(W), max Re λ(G·W) over a few samples, and the
 angle between the rule's update and the Euclidean gradient at the same W (measured before the
 step). Rows are flushed to ``metrics.jsonl`` now and then and whenever the run ends.
+:meth:`StepLoop.final_diagnostics` evaluates the stability of the W the run *ends* with (the
+last diagnostic row can be up to ``diag_every`` steps older than that).
 
 A run that goes wrong — non-finite loss or weights, or a fixed point the solver cannot find —
 ends with :class:`StepDiverged`, whose message names the rule, the learning rate and the step.
@@ -179,6 +181,40 @@ class StepLoop:
             result["angle_deg"] = angle_degrees(update, reference)
         except TrainingDiverged:  # no solvable reference here; the rule's own step went fine
             result["angle_deg"] = math.nan
+        return result
+
+    @torch.no_grad()
+    def final_diagnostics(self) -> dict[str, Any]:
+        """Stability of the W the run ends with, after its last optimizer step.
+
+        The fixed point r* of τ dr/dt = −r + f(W r + X) is an attractor iff every eigenvalue of
+        G·W has real part < 1 (G = I for a linear network). Returned: ``max_re_eig_W_final``
+        (max Re λ(W) of the final W), ``max_re_eig_GW_final`` (for a nonlinear network, max Re
+        λ(G_b W) at the final W's fixed points of the first ``eig_samples`` inputs of the last
+        batch; for a linear one the same as λ(W)), ``final_stability`` — ``stable``,
+        ``unstable`` (that number ≥ 1), ``no fixed point`` (the solver finds none for one of
+        those inputs) or ``non-finite W`` — and ``final_unstable`` (anything but ``stable``).
+        """
+        W = self.model.W.detach()
+        result: dict[str, Any] = {"max_re_eig_W_final": None, "max_re_eig_GW_final": None}
+        if not bool(torch.isfinite(W).all()):
+            return {**result, "final_stability": "non-finite W", "final_unstable": True}
+        result["max_re_eig_W_final"] = max_real_eig(W)
+        state = self.rule.last_state
+        if self.model.is_linear or state is None:
+            criterion = result["max_re_eig_W_final"] if self.model.is_linear else math.nan
+        else:
+            try:
+                fp = self.model.solve(state.fp.drive[: self.eig_samples])
+            except TrainingDiverged:
+                fp = None
+            if fp is None or not bool(fp.usable.all()):
+                return {**result, "final_stability": "no fixed point", "final_unstable": True}
+            criterion = max_real_eig_gain(W, fp.gain, self.eig_samples)
+        result["max_re_eig_GW_final"] = criterion
+        stable = criterion < 1  # False for nan
+        result["final_stability"] = "stable" if stable else "unstable"
+        result["final_unstable"] = not stable
         return result
 
     def record(self, row: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ Registered names (importing :mod:`decorrelate.fixedpoint` registers them):
 ``bptt``           backprop through the unrolled solver iterations (baseline)
 ``reparam``        exact gradient step in A = (G⁻¹ − W)⁻¹ mapped back; linear networks only (dW2)
 ``linearized``     (BBᵀ) ∇_W L (BᵀB) in its O(B·N²) per-sample form, no inverse (dW3)
-``linearized-g``   the variant with (I − W G) δ in place of (I − W G) G δ (dW4)
+``linearized-g``   [(I − W G) δ][(I − W G)ᵀ(I − W G) r]ᵀ, the later variant (dW4)
 =================  ==========================================================================
 
 Every rule solves the batch's fixed points first, and a non-converged point is never used
@@ -17,7 +17,9 @@ the update (policy ``skip``; the count is in :meth:`FixedPointRule.diagnostics`)
 ``reparam`` is not a gradient: it moves W to W' = I − (A − η∇_A L)⁻¹. Its ``.grad`` is defined as
 (W − W')/η, so one step of *plain SGD with the same learning rate η* lands exactly on W'. Any other
 optimizer (momentum, Adam, weight decay, another lr) would not; :meth:`Reparam.bind_optimizer`
-refuses those, and the fixed-point loop always calls it.
+refuses those, and the fixed-point loop always calls it. (The authors' notebook ``LinearNDdW123``
+evaluates ∇_A L for its dW2 step at the *already updated* A, a slip of order η²; this follows the
+paper, with ∇_A L at the current A.)
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .gradients import (
     reparam_target,
 )
 from .model import RateRNN
-from .solver import FixedPoint, enforce, rounding_floor, within_tol
+from .solver import FixedPoint, attainable_tol, enforce, within_tol
 
 FIXEDPOINT_RULES = ("euclidean", "bptt", "reparam", "linearized", "linearized-g")
 
@@ -152,7 +154,8 @@ class Linearized(FixedPointRule):
 
 @register_rule("linearized-g")
 class LinearizedG(FixedPointRule):
-    """The variant with (I − W G) δ on the left; equals ``linearized`` when G = I."""
+    """dW4: (I − W G) δ on the left, (I − W G)ᵀ(I − W G) r on the right (dW3 has G δ and
+    I − G W there); equals ``linearized`` when G = I."""
 
     def direction(self, model: RateRNN, fp: FixedPoint, delta: Tensor) -> Tensor:
         return linearized_g_update(model.W.detach(), fp.r, fp.gain, delta)
@@ -230,7 +233,7 @@ class BPTT(FixedPointRule):
         steps = cfg.euler_steps if euler else cfg.max_iter
         X = model.drive(x).detach()
         W = model.W
-        tol = max(cfg.tol, rounding_floor(W.detach(), X))
+        tol = attainable_tol(cfg.tol, W.detach(), X)
         with torch.enable_grad():
             r = torch.zeros_like(X)
             iterations = steps

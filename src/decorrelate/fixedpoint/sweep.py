@@ -98,6 +98,9 @@ def run_sweep(
             outcomes.append(outcome)
             if log is not None:
                 log(describe(outcome))
+                warning = stability_warning(outcome)
+                if warning:
+                    log(warning)
     table = sweep_table(outcomes, base.task, base.loss_threshold)
     files = [root / "sweep.json", root / "sweep.md", root / "sweep.png"]
     summaries = [json_safe(o.summary) for o in outcomes]
@@ -158,6 +161,28 @@ def load_sweep(root: str | Path) -> list[RunOutcome]:
     return outcomes
 
 
+def stability_warning(outcome: RunOutcome) -> str | None:
+    """One warning line if a run that did not diverge ends with an unstable W (else None).
+
+    The solver can return a fixed point that the dynamics never reach (a linear network's
+    r = (I − W)⁻¹X exists whenever I − W is invertible), so a finite loss does not show this.
+    """
+    s = outcome.summary
+    if outcome.diverged or not s.get("final_unstable"):
+        return None
+    head = f"warning: rule {s['rule']}, lr {s['lr']:g}: the final W is unstable"
+    state = s.get("final_stability")
+    if state == "no fixed point":
+        return f"{head}: the solver finds no fixed point for some inputs of the last batch"
+    eig, eig_gw = s.get("max_re_eig_W_final"), s.get("max_re_eig_GW_final")
+    if outcome.config.activation == "identity":
+        what = f"max Re λ(W) = {eig:.4g} ≥ 1"
+    else:
+        what = f"max Re λ(G·W) = {eig_gw:.4g} ≥ 1 at the last batch's fixed points"
+        what += f" (max Re λ(W) = {eig:.4g})"
+    return f"{head} ({what}): its fixed point is not an attractor of the dynamics"
+
+
 def describe(outcome: RunOutcome) -> str:
     """One line per run: the rule, lr and how it ended."""
     s = outcome.summary
@@ -167,8 +192,12 @@ def describe(outcome: RunOutcome) -> str:
     text = f"{head} final loss {outcome.final_loss:.3e}"
     if s.get("best_test_acc") is not None:
         text += f"  best train/test acc {s['best_train_acc']:.4f}/{s['best_test_acc']:.4f}"
-    if s.get("max_re_eig_W_max") is not None:
-        text += f"  max Re eig W {s['max_re_eig_W_max']:.3f}"
+    if s.get("max_re_eig_W_final") is not None:
+        text += (
+            f"  max Re eig W max/final {s['max_re_eig_W_max']:.4g}/{s['max_re_eig_W_final']:.4g}"
+        )
+    if s.get("final_unstable"):
+        text += "  UNSTABLE"
     return text + f"  [{outcome.seconds:.1f}s]"
 
 
@@ -193,6 +222,8 @@ def sweep_table(outcomes: Sequence[RunOutcome], task: str, threshold: float) -> 
             f"{_fmt(s.get('max_re_eig_W_max'), '.3f')} / {_fmt(s.get('max_re_eig_W_final'), '.3f')}"
         )
         result = f"diverged at step {o.diverged_at}" if o.diverged else "ok"
+        if not o.diverged and s.get("final_unstable"):
+            result = f"final W unstable ({s.get('final_stability')})"
         if task == "mnist":
             cells = [
                 s["rule"],
