@@ -600,7 +600,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as err:
-        raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
+        names = ", ".join(sorted(f.stem for f in EXPERIMENTS_DIR.glob("*.yaml")))
+        shipped_hint = f" (shipped configs: {names})" if names and not path.suffix else ""
+        raise UserError(
+            f"cannot read config file {path}: {err.strerror or err}{shipped_hint}"
+        ) from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
