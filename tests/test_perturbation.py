@@ -555,3 +555,16 @@ def test_one_step_equals_the_authors_update_on_identical_weights_batch_and_noise
     reference.step()
     for p, s in zip(model.parameters(), shadow, strict=True):
         torch.testing.assert_close(p.detach(), s.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_normalize_flags_on_the_command_line():
+    from decorrelate.cli import _config_from_args, build_parser
+
+    def parsed(*flags):
+        return _config_from_args(build_parser().parse_args(["train", *flags])).normalize
+
+    assert parsed() == "standard"
+    assert parsed("--normalize", "none") == "none"
+    assert parsed("--no-normalize") == "unit"  # the former boolean flag keeps working
+    assert parsed("--config", "np-authors") == "unit"
+    assert parsed("--config", "np-authors", "--normalize", "standard") == "standard"

@@ -56,7 +56,9 @@ DEFAULT_LR: dict[str, float] = {
 DEFAULT_EVERY: dict[str, int] = {"copi": 1, "dbp": 1, "scaled": 1, "zca": 10, "newton": 10}
 #: ``dbp``'s κ. 0.5 makes the rule R ← R − (η/2)(C − I)R, the symmetric whitening rule, which
 #: reaches unit variance as fast as it decorrelates. Dalm et al. use κ ≈ 0.01 (mostly
-#: decorrelation, very slow variance control); pass ``kappa=0.01`` to reproduce them.
+#: decorrelation, very slow variance control): their code (artcogsys/decorbp) defaults to 1e-3
+#: in its layer classes and command line and runs its experiments at 0.01 (with η 1e-4); pass
+#: ``kappa=0.01`` to reproduce them.
 DEFAULT_KAPPA = 0.5
 
 
