@@ -8,7 +8,8 @@ from decorrelate.errors import UserError
 
 def test_defaults_are_valid_and_round_trip(tmp_path):
     cfg = make_config({"widths": "512,256", "lr": "3e-4", "normalize": "false"})
-    assert cfg.widths == [512, 256] and cfg.lr == pytest.approx(3e-4) and cfg.normalize is False
+    assert cfg.widths == [512, 256] and cfg.lr == pytest.approx(3e-4)
+    assert cfg.normalize == "unit"  # the former boolean option: false kept pixels/255
     save_config(cfg, tmp_path / "c.json")
     again = make_config(load_config_file(tmp_path / "c.json"))
     assert again == cfg

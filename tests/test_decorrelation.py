@@ -591,3 +591,81 @@ def test_learned_rules_step_every_n_updates_only() -> None:
     train_on(every, mixing, gen, steps=600)  # 201 steps of R: it still decorrelates
     x = draw(mixing, 4096, gen)
     assert mean_abs_corr(every.transform(x)) < mean_abs_corr(x) / 10
+
+
+# ----------------------------------------------------------------------------- issue 15: fidelity
+
+
+def copi_formula(R: torch.Tensor, z: torch.Tensor, lr: float) -> torch.Tensor:
+    """The authors' copi step written out: R − η·offdiag(zᵀz/n)·R, on every sample row of z."""
+    c = z.T @ z / z.shape[0]
+    return R - lr * (c - torch.diag(torch.diagonal(c))) @ R
+
+
+def test_whole_batch_r_update_is_the_formula_on_every_row() -> None:
+    gen = torch.Generator().manual_seed(3)
+    layer = decorrelate(nn.Linear(7, 4).double(), "copi", lr=0.05, sample_frac=1.0, var_floor=0.0)
+    layer.R.copy_(torch.eye(7, dtype=torch.float64) + 0.1 * torch.randn(7, 7, generator=gen))
+    R0 = layer.R.clone()
+    x = torch.randn(37, 7, generator=gen, dtype=torch.float64)
+    layer(x).sum().backward()
+    local_update(layer)
+    torch.testing.assert_close(layer.R, copi_formula(R0, x @ R0.T, 0.05), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation"), [(1, 1, 1), (2, 1, 1), (1, "same", 2), (2, 0, 1)]
+)
+def test_uncapped_conv_r_update_uses_every_patch_position(stride, padding, dilation) -> None:
+    gen = torch.Generator().manual_seed(4)
+    conv = nn.Conv2d(2, 3, 3, stride=stride, padding=padding, dilation=dilation).double()
+    layer = decorrelate(conv, "copi", lr=0.01, sample_frac=1.0, max_samples=None, var_floor=0.0)
+    d = 2 * 3 * 3
+    layer.R.copy_(torch.eye(d, dtype=torch.float64) + 0.05 * torch.randn(d, d, generator=gen))
+    R0 = layer.R.clone()
+    x = torch.randn(5, 2, 9, 8, generator=gen, dtype=torch.float64)
+    layer(x).sum().backward()
+    pad = dilation * (3 - 1) // 2 if padding == "same" else padding
+    patches = F.unfold(x, 3, dilation=dilation, padding=pad, stride=stride)  # [B, d, positions]
+    rows = patches.transpose(1, 2).reshape(-1, d)  # every position of every image
+    assert layer._sample[0].shape == rows.shape
+    local_update(layer)
+    torch.testing.assert_close(layer.R, copi_formula(R0, rows @ R0.T, 0.01), rtol=1e-12, atol=1e-14)
+
+
+def test_conv_cap_is_an_option_with_the_documented_default() -> None:
+    assert decorrelate(nn.Conv2d(2, 3, 3), "copi").config.max_samples == 256
+    conv = decorrelate(nn.Conv2d(2, 3, 3, padding=1), "copi", max_samples=None, sample_frac=0.1)
+    conv(torch.randn(30, 2, 8, 8))
+    assert conv._sample[0].shape == (4 * 64, 18)  # every position of ⌊0.1·30⌋ + 1 images
+    with pytest.raises(UserError, match="max_samples"):
+        decorrelate(nn.Conv2d(2, 3, 3), "copi", max_samples=0)
+
+
+@pytest.mark.parametrize("method", LEARNED)
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_covariance_and_gram_forms_of_the_learned_update_agree(method, blocks, monkeypatch):
+    """Many samples (uncapped conv patches) take the b×b covariance form, few the n×n Gram
+    form; both must be the same step, frozen rows and per-block gains included."""
+    from decorrelate.nn import methods
+
+    choose_form = methods.use_covariance
+    assert choose_form(40, 6) and not choose_form(6, 40)
+    gen = torch.Generator().manual_seed(9)
+    b, n = 6, 40
+    cfg = methods.DecorConfig.create(method, lr=0.02, var_floor=0.05)
+    x = torch.randn(blocks, n, b, generator=gen, dtype=torch.float64)
+    x[0, :, 2] = 0.3 + 1e-4 * x[0, :, 2]  # a near-constant input: its row of R is frozen
+    R0 = torch.eye(b, dtype=torch.float64) + 0.1 * torch.randn(blocks, b, b, generator=gen)
+    z = x @ R0.mT
+    results = []
+    for cov in (False, True):
+        monkeypatch.setattr(methods, "use_covariance", lambda n, b, cov=cov: cov)
+        R, var = R0.clone(), torch.zeros(blocks, b, dtype=torch.float64)
+        info = methods.learned_update(R, x, z, var, 0, cfg)
+        results.append((R, float(info.lr_lambda), info.live))
+    (r_gram, lam_gram, live), (r_cov, lam_cov, _) = results
+    assert not bool(live[0, 2]) and bool(live.sum() > 1)
+    torch.testing.assert_close(r_gram, r_cov, rtol=1e-12, atol=1e-13)
+    assert lam_gram == pytest.approx(lam_cov, rel=1e-10)
+    assert torch.equal(r_cov[0, 2], R0[0, 2])  # the frozen row stayed

@@ -400,9 +400,7 @@ def test_weights_that_do_not_fit_their_config_are_one_line(tmp_path, capsys):
         ("def sample(shape, g, device, dtype):\n    raise ValueError('no')", "ValueError: no"),
     ],
 )
-def test_a_sampler_breaking_its_contract_is_one_line(
-    tmp_path, monkeypatch, capsys, body, message
-):
+def test_a_sampler_breaking_its_contract_is_one_line(tmp_path, monkeypatch, capsys, body, message):
     module = f"contract_{abs(hash(body))}"
     (tmp_path / f"{module}.py").write_text(f"import torch\n{body}\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -60,6 +60,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         choices = choices_of(name)
         metavar = "{" + ",".join(choices) + "}" if choices else meta["kind"].upper()
         group.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+        if False in meta["aliases"]:  # a former bool option: keep its --no-X spelling
+            group.add_argument(
+                "--no-" + flag[2:],
+                dest=name,
+                action="store_const",
+                const=meta["aliases"][False],
+                default=argparse.SUPPRESS,
+                help=f"same as {flag} {meta['aliases'][False]}",
+            )
 
 
 def _show(value: Any) -> str:

@@ -39,10 +39,24 @@ def _activations() -> tuple[str, ...]:
     return ACTIVATIONS
 
 
-#: Rule names that are shorthands for a rule plus decorrelation (paper 2's decorrelated NP
-#: variants use the copi rule with decorrelation learning rate 1e-3).
+#: Rule names that are shorthands for a rule plus decorrelation: paper 2's decorrelated NP
+#: variants, as the authors' code runs them: the copi rule at decorrelation learning rate 1e-3,
+#: with R learned from the whole batch (``decor_sample_frac`` 1.0; our default elsewhere is
+#: ⌊0.1·B⌋ + 1 samples, paper 1's choice). Each can still be overridden.
 RULE_SHORTHANDS = {"dnp": "np", "dinp": "inp", "danp": "anp"}
-SHORTHAND_DECOR = {"decor": "copi", "decor_lr": 1e-3}
+SHORTHAND_DECOR = {"decor": "copi", "decor_lr": 1e-3, "decor_sample_frac": 1.0}
+
+
+def _normalizations() -> tuple[str, ...]:
+    from .data import NORMALIZATIONS
+
+    return NORMALIZATIONS
+
+
+def _weight_inits() -> tuple[str, ...]:
+    from .models import WEIGHT_INITS
+
+    return WEIGHT_INITS
 
 
 def _rules() -> tuple[str, ...]:
@@ -59,7 +73,8 @@ def expand_shorthands(values: dict[str, Any]) -> dict[str, Any]:
     values = {**values, "rule": RULE_SHORTHANDS[rule]}
     if values.get("decor", "none") == "none":
         values["decor"] = SHORTHAND_DECOR["decor"]
-        values.setdefault("decor_lr", SHORTHAND_DECOR["decor_lr"])
+        for key in ("decor_lr", "decor_sample_frac"):
+            values.setdefault(key, SHORTHAND_DECOR[key])
     return values
 
 
@@ -117,11 +132,14 @@ def opt(
     optional: bool = False,
     group: str = "training",
     code: Callable[[Any], bool] | None = None,
+    aliases: dict[Any, Any] | None = None,
 ) -> Any:
     """A config field with what the CLI and the validator need to know about it.
 
     ``code(value)`` is true when the value names Python code to import (see
-    :func:`code_references`).
+    :func:`code_references`). ``aliases`` maps earlier spellings of a value (e.g. the
+    booleans of a former bool option) to the current one, so old config files and saved runs
+    keep loading.
     """
     meta = {
         "help": help,
@@ -131,6 +149,7 @@ def opt(
         "optional": optional,
         "group": group,
         "code": code,
+        "aliases": aliases or {},
     }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -185,8 +204,14 @@ class TrainConfig:
         optional=True,
         group="data",
     )
-    normalize: bool = opt(
-        True, "standardise inputs per channel with training-set statistics", "bool", group="data"
+    normalize: str = opt(
+        "standard",
+        "input scaling: standard (per channel, training-set statistics), unit (pixels/255, the "
+        "node perturbation authors'), none (raw pixels 0-255); true/false: standard/unit",
+        "str",
+        choices=_normalizations,
+        aliases={True: "standard", False: "unit"},
+        group="data",
     )
     synthetic_shape: list[int] = opt(
         [3, 32, 32],
@@ -229,6 +254,21 @@ class TrainConfig:
     activation: str = opt(
         "leaky-relu", "hidden activation", "str", choices=_activations, group="model"
     )
+    leaky_slope: float = opt(
+        0.01,
+        "negative-side slope of leaky-relu (paper 1: 0.01; the NP authors' TensorFlow: 0.2)",
+        "float",
+        check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+        group="model",
+    )
+    weight_init: str = opt(
+        "torch",
+        "weight init of standard models: torch (PyTorch's default) or he-normal (Keras' "
+        "truncated HeNormal, zero biases: the NP authors' TensorFlow)",
+        "str",
+        choices=_weight_inits,
+        group="model",
+    )
     # learning rule and decorrelation
     rule: str = opt(
         "bp", "learning rule (how .grad is filled)", "str", choices=_rules, group="rule"
@@ -258,6 +298,24 @@ class TrainConfig:
     )
     decor_sample_frac: float = opt(
         0.1, "fraction of each batch used to update R", "float", check=fraction_closed, group="rule"
+    )
+    decor_max_samples: int | None = opt(
+        256,
+        "cap on the conv patches (positions) per R update; none: every position of the sampled "
+        "images, as the authors",
+        "int",
+        check=positive,
+        optional=True,
+        group="rule",
+    )
+    decor_var_floor: float | None = opt(
+        None,
+        "copi/dbp/scaled: freeze R's rows of inputs whose running variance is below this "
+        "fraction of the mean (default 1e-2; 0: off, as the authors)",
+        "float",
+        check=fraction_open,
+        optional=True,
+        group="rule",
     )
     decor_demean: bool = opt(
         False, "subtract a running mean before decorrelating", "bool", group="rule"
@@ -478,6 +536,7 @@ def coerce(name: str, value: Any) -> Any:
     """Convert ``value`` (from a file or the command line) to the field's type, or raise."""
     meta = FIELDS[name].metadata
     kind = meta["kind"]
+    value = _alias(meta["aliases"], value)
     if value is None or (
         isinstance(value, str) and value.strip().lower() in ("none", "null") and meta["optional"]
     ):
@@ -510,6 +569,21 @@ def coerce(name: str, value: Any) -> Any:
     except (TypeError, ValueError) as err:
         raise _bad(name, value, str(err)) from None
     raise AssertionError(kind)
+
+
+def _alias(aliases: dict[Any, Any], value: Any) -> Any:
+    """The current spelling of ``value`` (booleans also given as true/false/yes/no/1/0)."""
+    if not aliases:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            value = True
+        elif text in ("false", "no", "off", "0"):
+            value = False
+    if isinstance(value, bool) and value in aliases:
+        return aliases[value]
+    return value
 
 
 def _number(value: Any, kind: str) -> int | float:
@@ -603,13 +677,28 @@ def _yaml_pairs(text: str) -> Any:
     return yaml.load(text, Loader=PairLoader)  # a SafeLoader subclass: plain data only
 
 
+#: Where shipped configuration files live (``--config NAME`` finds ``NAME.yaml`` there).
+EXPERIMENTS_DIR = Path(__file__).resolve().parent / "experiments"
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON mapping of options (no validation yet: see :func:`make_config`)."""
+    """Read a YAML or JSON mapping of options (no validation yet: see :func:`make_config`).
+
+    A bare name that is not a file, e.g. ``np-authors``, is looked up among the configuration
+    files shipped in ``decorrelate/experiments`` (the papers' settings).
+    """
     path = Path(path)
+    shipped = EXPERIMENTS_DIR / f"{path.name}.yaml"
+    if not path.exists() and path.parent == Path(".") and not path.suffix and shipped.is_file():
+        path = shipped
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise UserError(f"cannot read config file {path}: {err.strerror or err}") from None
+        names = ", ".join(sorted(f.stem for f in EXPERIMENTS_DIR.glob("*.yaml")))
+        shipped_hint = f" (shipped configs: {names})" if names and not path.suffix else ""
+        raise UserError(
+            f"cannot read config file {path}: {err.strerror or err}{shipped_hint}"
+        ) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

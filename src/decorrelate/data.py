@@ -73,6 +73,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
+#: How inputs are scaled (see :func:`load_dataset`): standardised per channel, pixels/255, raw.
+NORMALIZATIONS: tuple[str, ...] = ("standard", "unit", "none")
 
 _DISPLAY_NAMES = {
     "mnist": "MNIST",
@@ -279,8 +281,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
 class DataSplits:
     """Train/test (and optional validation) sets plus what was done to them.
 
-    ``mean``/``std`` are the per-channel statistics subtracted/divided (computed on ``train``);
-    with ``normalize=False`` they are zeros and ones. ``root`` is where the files were found.
+    ``mean``/``std`` are what was subtracted from / divided into the [0, 1]-scaled inputs, per
+    channel: the training statistics with ``normalize="standard"``, zeros and ones with
+    ``"unit"``, zeros and 1/255 with ``"none"`` (raw pixel values). ``root`` is where the files
+    were found.
     """
 
     train: Dataset
@@ -310,7 +314,7 @@ def load_dataset(
     data_dir: str | Path | None = None,
     val_split: float = 0.0,
     train_size: int | None = None,
-    normalize: bool = True,
+    normalize: str | bool = "standard",
     download: bool = True,
     synthetic_shape: Sequence[int] = (3, 32, 32),
     synthetic_classes: int = 10,
@@ -322,9 +326,13 @@ def load_dataset(
 
     ``val_split`` holds out that fraction of the training set with a fixed permutation (the same
     in every run, whatever the run seed), ``train_size`` then keeps a fixed random subset of that
-    many training examples, and ``normalize`` standardises each channel with statistics of the
-    final training set. Raises :class:`UserError` for bad arguments and :class:`DataError` when
-    the files are missing or damaged.
+    many training examples, and ``normalize`` (one of :data:`NORMALIZATIONS`) scales the inputs:
+    ``"standard"`` standardises each channel with statistics of the final training set,
+    ``"unit"`` keeps pixels/255 in [0, 1] (the node perturbation authors' scaling), ``"none"``
+    gives the raw pixel values 0…255. The synthetic data set has no pixels: ``"unit"`` and
+    ``"none"`` both leave it as generated. ``True``/``False`` mean ``"standard"``/``"unit"``
+    (the earlier boolean option). Raises :class:`UserError` for bad arguments and
+    :class:`DataError` when the files are missing or damaged.
     """
     key = _canonical_name(name)
     _check_split_args(val_split, train_size)
@@ -338,7 +346,7 @@ def load_dataset(
         train, test = _load_files(key, root)
     train, val = _split_validation(train, val_split, key)
     train = _take_train_subset(train, train_size, key)
-    mean, std = _normalize_splits(train, val, test, normalize)
+    mean, std = _normalize_splits(train, val, test, normalize, pixels=key != "synthetic")
     return DataSplits(train=train, test=test, val=val, root=root, mean=mean, std=std)
 
 
@@ -954,13 +962,38 @@ def _channel_layout(x: Tensor) -> tuple[int, list[int]]:
     return 1, [1] * x.ndim
 
 
+def normalize_mode(normalize: str | bool) -> str:
+    """The name in :data:`NORMALIZATIONS` for ``normalize`` (booleans: the earlier option)."""
+    if isinstance(normalize, bool):
+        return "standard" if normalize else "unit"
+    if normalize not in NORMALIZATIONS:
+        raise UserError(
+            f"unknown normalize {normalize!r}; choose one of: {', '.join(NORMALIZATIONS)}"
+        )
+    return normalize
+
+
 def _normalize_splits(
-    train: Dataset, val: Dataset | None, test: Dataset, normalize: bool
+    train: Dataset,
+    val: Dataset | None,
+    test: Dataset,
+    normalize: str | bool,
+    pixels: bool = True,
 ) -> tuple[list[float], list[float]]:
-    """Standardise every split per channel with the training statistics (in place)."""
+    """Scale every split in place as ``normalize`` says (see :func:`load_dataset`).
+
+    The loaders give pixels/255; ``"none"`` multiplies back by 255 and rounds, which restores
+    the stored integers exactly (the float32 error of x/255·255 is far below ½).
+    """
+    mode = normalize_mode(normalize)
     channels, view = _channel_layout(train.x)
-    if not normalize:
+    if mode == "unit" or (mode == "none" and not pixels):
         return [0.0] * channels, [1.0] * channels
+    if mode == "none":
+        for ds in (train, val, test):
+            if ds is not None:
+                ds.x.mul_(255.0).round_()
+        return [0.0] * channels, [1.0 / 255.0] * channels
     flat = train.x.reshape(len(train), channels, -1)
     var, mean = torch.var_mean(flat, dim=(0, 2), correction=0)
     std = var.sqrt().clamp_min(1e-8)

@@ -28,6 +28,14 @@ from .errors import UserError
 ACTIVATIONS = ("relu", "leaky-relu", "tanh", "identity")
 MODELS = ("mlp", "convnet", "mlp-ntk", "convnet-ntk")
 PARAMETERIZATIONS = ("standard", "ntk")
+#: Negative-side slope of ``leaky-relu``: 0.01 as in paper 1 (and PyTorch's default); the node
+#: perturbation authors' TensorFlow code uses ``tf.nn.leaky_relu``, whose default is 0.2.
+DEFAULT_LEAKY_SLOPE = 0.01
+#: How the weights of ``standard``-parameterised models are drawn: ``torch`` is PyTorch's
+#: default (W ~ U(±1/√fan_in), i.e. std 1/√(3·fan_in), bias likewise); ``he-normal`` is Keras'
+#: HeNormal (a normal truncated at 2 std with std √(2/fan_in) after truncation) with zero biases,
+#: the initialisation of the node perturbation authors' TensorFlow code.
+WEIGHT_INITS = ("torch", "he-normal")
 
 #: Default layer sizes, filled into the resolved config when the user gives none.
 DEFAULT_WIDTHS = {
@@ -42,12 +50,14 @@ DEFAULT_CHANNELS = (32, 32, 64, 64)
 NTK_VARIANTS = {"mlp-ntk": ("mlp", False, 2), "convnet-ntk": ("convnet", True, 1)}
 
 
-def make_activation(name: str) -> nn.Module:
-    """The activation module for ``name`` (leaky-relu uses slope 0.01, as in paper 1)."""
+def make_activation(name: str, slope: float = DEFAULT_LEAKY_SLOPE) -> nn.Module:
+    """The activation module for ``name``; ``slope`` is leaky-relu's negative-side slope."""
     if name == "relu":
         return nn.ReLU()
     if name == "leaky-relu":
-        return nn.LeakyReLU(0.01)
+        if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not 0 <= slope < 1:
+            raise UserError(f"leaky-relu slope must be a number in [0, 1), got {slope!r}")
+        return nn.LeakyReLU(float(slope))
     if name == "tanh":
         return nn.Tanh()
     if name == "identity":
@@ -93,6 +103,42 @@ def ntk_init_(layer: nn.Module) -> nn.Module:
     return layer
 
 
+def he_normal_init_(layer: nn.Module) -> nn.Module:
+    """Keras' HeNormal in place: N(0, s²) truncated at ±2s, s = √(2/fan_in)/0.8796…; bias 0.
+
+    The truncation shrinks the standard deviation by 0.87962566; Keras divides it out first, so
+    the drawn weights have standard deviation √(2/fan_in). Uses the global RNG.
+    """
+    fan_in = layer.weight[0].numel()
+    std = math.sqrt(2.0 / fan_in) / 0.87962566103423978
+    with torch.no_grad():
+        nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.zero_()
+    return layer
+
+
+def _check_init(weight_init: str, parameterization: str) -> None:
+    if weight_init not in WEIGHT_INITS:
+        raise UserError(
+            f"unknown weight init {weight_init!r}; choose one of: {', '.join(WEIGHT_INITS)}"
+        )
+    if weight_init != "torch" and parameterization != "standard":
+        raise UserError(
+            f"weight init {weight_init!r} applies to the standard parameterisation only; "
+            "the NTK parameterisation draws its own N(0, 1) weights"
+        )
+
+
+def init_weights_(model: nn.Module, weight_init: str) -> nn.Module:
+    """Re-draw every Linear/Conv2d of ``model`` with ``weight_init`` (``torch``: leave as built)."""
+    if weight_init == "he-normal":
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                he_normal_init_(module)
+    return model
+
+
 def parameterized(layer: nn.Module, parameterization: str) -> list[nn.Module]:
     """``[layer]`` (standard) or ``[NTKScale(fan_in), layer]`` with N(0, 1) weights (ntk)."""
     if parameterization == "standard":
@@ -115,13 +161,14 @@ class MLP(nn.Sequential):
         widths: Sequence[int] = DEFAULT_WIDTHS["mlp"],
         activation: str = "leaky-relu",
         parameterization: str = "standard",
+        leaky_slope: float = DEFAULT_LEAKY_SLOPE,
     ) -> None:
         _check_parameterization(parameterization)
         layers: list[nn.Module] = [nn.Flatten()]
         fan_in = math.prod(input_shape)
         for width in widths:
             layers += parameterized(nn.Linear(fan_in, width), parameterization)
-            layers.append(make_activation(activation))
+            layers.append(make_activation(activation, leaky_slope))
             fan_in = width
         layers += parameterized(nn.Linear(fan_in, num_classes), parameterization)
         super().__init__(*layers)
@@ -147,6 +194,7 @@ class ConvNet(nn.Sequential):
         pool_every: int = 2,
         batch_norm: bool = False,
         parameterization: str = "standard",
+        leaky_slope: float = DEFAULT_LEAKY_SLOPE,
     ) -> None:
         _check_parameterization(parameterization)
         if len(input_shape) != 3:
@@ -160,7 +208,7 @@ class ConvNet(nn.Sequential):
             layers += parameterized(nn.Conv2d(c, out_c, kernel_size=3, padding=1), parameterization)
             if batch_norm:
                 layers.append(nn.BatchNorm2d(out_c, affine=False))
-            layers.append(make_activation(activation))
+            layers.append(make_activation(activation, leaky_slope))
             c = out_c
             if pool_every and i % pool_every == 0:
                 if h < 2 or w < 2:
@@ -173,7 +221,7 @@ class ConvNet(nn.Sequential):
         fan_in = c * h * w
         for width in widths:
             layers += parameterized(nn.Linear(fan_in, width), parameterization)
-            layers.append(make_activation(activation))
+            layers.append(make_activation(activation, leaky_slope))
             fan_in = width
         layers += parameterized(nn.Linear(fan_in, num_classes), parameterization)
         super().__init__(*layers)
@@ -241,10 +289,14 @@ def build_model(
     parameterization: str | None = None,
     batch_norm: bool | None = None,
     pool_every: int | None = None,
+    leaky_slope: float = DEFAULT_LEAKY_SLOPE,
+    weight_init: str = "torch",
 ) -> nn.Module:
     """Build a model by name (uses the global RNG for initialisation).
 
-    ``mlp`` / ``convnet`` use PyTorch's default initialisation unless ``parameterization="ntk"``;
+    ``mlp`` / ``convnet`` use PyTorch's default initialisation (``weight_init="torch"``; or
+    ``"he-normal"``, see :data:`WEIGHT_INITS`) unless ``parameterization="ntk"``;
+    ``leaky_slope`` is the negative-side slope of ``leaky-relu`` activations;
     ``mlp-ntk`` / ``convnet-ntk`` are the NTK-parameterised models of the Align paper (the conv
     net with affine-free batch norm and a pool after every convolution). ``batch_norm`` and
     ``pool_every`` override a conv net's defaults.
@@ -262,15 +314,18 @@ def build_model(
     if parameterization is None:
         parameterization = "ntk" if name in NTK_VARIANTS else "standard"
     _check_parameterization(parameterization)
+    _check_init(weight_init, parameterization)
+    make_activation(activation, leaky_slope)  # reject a bad slope before building anything
     if family == "mlp":
-        return MLP(input_shape, num_classes, widths, activation, parameterization)
+        model = MLP(input_shape, num_classes, widths, activation, parameterization, leaky_slope)
+        return init_weights_(model, weight_init)
     channels = tuple(DEFAULT_CHANNELS if channels is None else channels)
     if not channels or any(int(c) < 1 for c in channels):
         raise UserError(f"conv channels must be positive integers, got {list(channels)}")
     pool_every = default_pool if pool_every is None else pool_every
     if pool_every < 0:
         raise UserError(f"pool_every must be >= 0, got {pool_every}")
-    return ConvNet(
+    model = ConvNet(
         input_shape,
         num_classes,
         channels,
@@ -279,4 +334,6 @@ def build_model(
         pool_every=pool_every,
         batch_norm=default_bn if batch_norm is None else batch_norm,
         parameterization=parameterization,
+        leaky_slope=leaky_slope,
     )
+    return init_weights_(model, weight_init)

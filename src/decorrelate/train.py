@@ -86,6 +86,8 @@ def build_network(config: TrainConfig, input_shape: tuple[int, ...], num_classes
             widths=config.widths,
             channels=config.channels,
             activation=config.activation,
+            leaky_slope=config.leaky_slope,
+            weight_init=config.weight_init,
         )
     if config.decor != "none":
         from .nn import decorrelate
@@ -93,8 +95,11 @@ def build_network(config: TrainConfig, input_shape: tuple[int, ...], num_classes
         options: dict[str, Any] = {
             "sample_frac": config.decor_sample_frac,
             "demean": config.decor_demean,
+            "max_samples": config.decor_max_samples,
             "seed": config.seed,
         }
+        if config.decor_var_floor is not None:
+            options["var_floor"] = config.decor_var_floor
         if config.decor_lr is not None:
             options["lr"] = config.decor_lr
         if config.decor_kappa is not None:

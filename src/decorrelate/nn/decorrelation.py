@@ -300,8 +300,14 @@ class Decorrelator(nn.Module):
     # ------------------------------------------------------------------ diagnostics
 
     def _remember(self, x: Tensor) -> None:
-        """Keep the last STATS_ROWS raw sample rows (a ring buffer) for :meth:`stats`."""
-        rows = x[-STATS_ROWS:]
+        """Keep the last STATS_ROWS raw sample rows (a ring buffer) for :meth:`stats`.
+
+        A subsample larger than the buffer (every patch position of a conv input, which comes in
+        image order) is thinned evenly rather than cut, so the rows kept span all its images.
+        """
+        if x.shape[0] > STATS_ROWS:
+            x = x[torch.arange(STATS_ROWS, device=x.device) * x.shape[0] // STATS_ROWS]
+        rows = x
         n = rows.shape[0]
         pos = int(self.stats_count) % STATS_ROWS
         idx = (pos + torch.arange(n, device=x.device)) % STATS_ROWS
@@ -406,7 +412,7 @@ class DecorLinear(Decorrelator):
         batch = x.shape[0] if x.dim() > 1 else 1
         offset, total = global_rows(batch, rows.shape[0], rows.shape[0] // batch)
         count = subsample_size(total, self.config.sample_frac)
-        if x.dim() > 2:
+        if x.dim() > 2 and self.config.max_samples is not None:
             count = min(count, self.config.max_samples)
         idx = choose(total, count, x.device, self._seed, int(self.num_updates), "rows")
         if total != rows.shape[0]:
@@ -419,7 +425,8 @@ class DecorConv2d(Decorrelator):
 
     The forward is one ``F.conv2d`` with the effective kernel W R and the layer's own stride,
     padding and dilation. The subsample is ⌊sample_frac·B⌋ + 1 images, from which at most
-    ``max_samples`` random patches (positions) are gathered. Only ``groups=1`` and zero padding
+    ``max_samples`` random patches (positions) are gathered (``max_samples=None``: every
+    position of those images, as the authors' code). Only ``groups=1`` and zero padding
     are supported (others are refused at conversion).
     """
 

@@ -56,7 +56,9 @@ DEFAULT_LR: dict[str, float] = {
 DEFAULT_EVERY: dict[str, int] = {"copi": 1, "dbp": 1, "scaled": 1, "zca": 10, "newton": 10}
 #: ``dbp``'s κ. 0.5 makes the rule R ← R − (η/2)(C − I)R, the symmetric whitening rule, which
 #: reaches unit variance as fast as it decorrelates. Dalm et al. use κ ≈ 0.01 (mostly
-#: decorrelation, very slow variance control); pass ``kappa=0.01`` to reproduce them.
+#: decorrelation, very slow variance control): their code (artcogsys/decorbp) defaults to 1e-3
+#: in its layer classes and command line and runs its experiments at 0.01 (with η 1e-4); pass
+#: ``kappa=0.01`` to reproduce them.
 DEFAULT_KAPPA = 0.5
 
 
@@ -66,8 +68,11 @@ class DecorConfig:
 
     Options beyond the method, ``lr``, ``kappa``, ``sample_frac`` and ``demean``:
 
-    * ``max_samples`` (256): cap on the samples per update where one batch element gives many
-      (every spatial position of a conv input, every token of an N-d Linear input).
+    * ``max_samples`` (256; None: no cap): cap on the samples per update where one batch element
+      gives many (every spatial position of a conv input, every token of an N-d Linear input).
+      The authors use every position of the sampled images (None). The cap keeps the R update
+      of a conv layer O(256·d²) whatever the image size; BENCHMARKS.md §2.4 measures what it
+      saves and what it costs in R's convergence on the paper's conv net.
     * ``max_norm`` (1e3): divergence bound. After an update, ‖R‖_F/√d (1 at the identity; the
       RMS gain R applies to an input direction) above this, or any non-finite entry, raises
       :class:`~decorrelate.errors.TrainingDiverged`. Exact whitening of inputs with variance v
@@ -116,7 +121,7 @@ class DecorConfig:
     kappa: float = DEFAULT_KAPPA
     sample_frac: float = 0.1
     demean: bool = False
-    max_samples: int = 256
+    max_samples: int | None = 256
     max_norm: float = 1e3
     var_floor: float = 1e-2
     momentum: float = 0.01
@@ -202,6 +207,8 @@ class DecorConfig:
         number("blend", finite("blend") and 0 < self.blend <= 1, "in (0, 1]")
         for name in ("max_samples", "every", "iters"):
             value = getattr(self, name)
+            if name == "max_samples" and value is None:
+                continue  # no cap
             number(name, isinstance(value, int) and value >= 1, "a positive integer")
         if not isinstance(self.demean, bool):
             raise UserError(f"decorrelation demean={self.demean!r} is invalid: must be a bool")
@@ -287,16 +294,16 @@ def top_eigenvalue(gram: Tensor, iters: int = 10) -> Tensor:
     return (v * (gram @ v)).sum((-2, -1))
 
 
-def scaled_gain(x: Tensor, z: Tensor, gram: Tensor, lr: float, live: Tensor) -> Tensor:
+def scaled_gain(x: Tensor, z: Tensor, zc: Tensor, lr: float) -> Tensor:
     """The ``scaled`` rule's gain g per block: mean over samples of ‖x_i‖ / ‖z'_i‖.
 
-    Shapes: ``x``, ``z`` [k, n, b], ``gram`` [k, n, n], ``live`` [k, b]; returns [k]. z' are the
-    samples as the updated R will map them before the gain: live coordinates become
-    (I − ηC) z (as C = zᵀz/n, that is z − η·(z zᵀ/n)·z, only n²·b work), frozen ones stay. So
-    after the update the decorrelated inputs keep the raw inputs' norm on average (the fixed
+    Shapes: ``x``, ``z``, ``zc`` [k, n, b]; returns [k]. z' = z − η·zc are the samples as the
+    updated R will map them before the gain, with ``zc`` the rows of z times the C the update
+    uses (frozen coordinates' columns zeroed, so they stay): live coordinates become (I − ηC) z.
+    So after the update the decorrelated inputs keep the raw inputs' norm on average (the fixed
     point has ‖z‖ ≈ ‖x‖ up to the spread of the per-sample ratios). Zero-norm samples are skipped.
     """
-    z_new = z - lr * (gram @ (z * live.unsqueeze(-2)))
+    z_new = z - lr * zc
     x_norm = torch.linalg.vector_norm(x, dim=-1)
     z_norm = torch.linalg.vector_norm(z_new, dim=-1)
     ok = (x_norm > 0) & (z_norm > 0)
@@ -328,30 +335,58 @@ def learned_update(
     * dbp:    R ← R − η·[(1−κ)·offdiag(C) + κ·diag(c − 1)]·R
     * scaled: R ← g·(I − ηC)·R,  g = :func:`scaled_gain`
 
-    C·R is computed as zᵀ(z R)/n (2·n·b² work per block, never b³). Rows of inputs below the
-    variance floor (see :func:`live_coordinates`, which compares against the mean over all
-    blocks) are left unchanged. Also returns η·λ_max(C), the largest over the blocks,
-    estimated from the n×n Gram matrices: above 2 the step amplifies the top direction.
+    Two equivalent forms, whichever is cheaper. With few samples (n ≤ b, the usual subsample),
+    C is never formed: C·R = zᵀ(z R)/n costs 2·n·b² per block and η·λ_max comes from the n×n
+    Gram matrix z zᵀ/n (same non-zero spectrum). With many samples (every patch position of a
+    conv input, or a whole large batch) the n×n Gram matrix would be huge, so C = zᵀz/n is
+    formed (n·b²) and multiplied into R (b³). Rows of inputs below the variance floor (see
+    :func:`live_coordinates`, which compares against the mean over all blocks) are left
+    unchanged. Also returns η·λ_max(C), the largest over the blocks: above 2 the step amplifies
+    the top direction.
     """
-    n = z.shape[-2]
+    n, b = z.shape[-2], z.shape[-1]
     lr = cfg.lr
     running_var.lerp_(coordinate_variance(x), ema_weight(cfg.momentum, step))
     live = live_coordinates(running_var, cfg.var_floor)
     all_live = bool(live.all())
-    gram = (z @ z.mT) / n  # [k, n, n]: same non-zero spectrum as each block's C
-    info = StepInfo(live, lr * top_eigenvalue(gram).max())
-    zR = z @ R  # [k, n, b], with the R before the update
-    # zero columns ⇒ zero rows of zᵀ(zR): frozen rows stay
+    # zero columns of z ⇒ zero rows of zᵀ(zR): frozen rows stay
     z_live = z if all_live else z * live.unsqueeze(-2)
+    if use_covariance(n, b):
+        cov = (z.mT @ z) / n  # [k, b, b]
+        info = StepInfo(live, lr * top_eigenvalue(cov).max())
+        masked = cov if all_live else cov * live.unsqueeze(-1)  # (z_liveᵀ z)/n
+        step_dir = masked @ R  # [k, b, b]: C R with the R before the update, frozen rows 0
+        zc = None if cfg.method != "scaled" else z @ masked.mT
+    else:
+        gram = (z @ z.mT) / n  # [k, n, n]
+        info = StepInfo(live, lr * top_eigenvalue(gram).max())
+        zR = z @ R  # [k, n, b], with the R before the update
+        step_dir = None
+        zc = None if cfg.method != "scaled" else gram @ z_live
+
+    def add_step(alpha: float | Tensor, beta: float = 1.0) -> None:
+        """R ← beta·R + alpha·C·R (C·R of the R before the update; alpha a scalar or
+        [k, 1, 1]); the Gram form does it in one pass over R."""
+        if step_dir is not None:
+            if beta != 1.0:
+                R.mul_(beta)
+            R.add_(step_dir * alpha)
+        elif isinstance(alpha, Tensor):
+            R.baddbmm_(z_live.mT * alpha, zR, beta=beta, alpha=1.0 / n)
+        else:
+            R.baddbmm_(z_live.mT, zR, beta=beta, alpha=alpha / n)
+
     if cfg.method == "scaled":
-        g = scaled_gain(x, z, gram, lr, live)
+        assert zc is not None
+        g = scaled_gain(x, z, zc, lr)
         kept = None if all_live else R[~live]  # a copy; usually few rows
-        if R.shape[0] == 1:  # g·(R − η C R) in one pass over R
+        if R.shape[0] == 1:  # g·(R − η C R)
             gain = float(g[0])
-            R.baddbmm_(z_live.mT, zR, beta=gain, alpha=-gain * lr / n)
+            add_step(-gain * lr, beta=gain)
         else:
             g = g.view(-1, 1, 1)
-            R.mul_(g).baddbmm_(z_live.mT * g, zR, alpha=-lr / n)
+            R.mul_(g)
+            add_step(-lr * g)
         if kept is not None:
             R[~live] = kept
         return info
@@ -364,8 +399,17 @@ def learned_update(
     else:
         raise ValueError(f"not a learned decorrelation method: {cfg.method!r}")
     R.mul_(torch.where(live, row_scale, torch.ones_like(c)).unsqueeze(-1))
-    R.baddbmm_(z_live.mT, zR, alpha=-lr * decor / n)
+    add_step(-lr * decor)
     return info
+
+
+def use_covariance(n: int, b: int) -> bool:
+    """Whether :func:`learned_update` forms C (b×b) rather than the n×n Gram matrix.
+
+    The Gram form costs ≈ n²·b + 2·n·b² per block, the covariance form n·b² + b³ (plus n·b² for
+    ``scaled``'s gain in either): the covariance form wins once n exceeds b.
+    """
+    return n > b
 
 
 # ----------------------------------------------------------------------------- exact methods

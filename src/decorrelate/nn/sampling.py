@@ -1,9 +1,10 @@
 """Choosing the subsample a decorrelator learns from, and gathering conv patches cheaply.
 
-R is updated from ⌊sample_frac·B⌋ + 1 batch elements (the authors use ≈10 %). For a convolution
-every spatial position of those elements is a sample (a C_in·kh·kw patch); a random subset of at
-most ``max_samples`` positions is gathered directly from the padded input, which costs
-O(n·d) instead of unfolding whole images (O(k·H·W·d)).
+R is updated from ⌊sample_frac·B⌋ + 1 batch elements (paper 1's authors use ≈10 %; the node
+perturbation authors the whole batch). For a convolution every spatial position of those
+elements is a sample (a C_in·kh·kw patch); a random subset of at most ``max_samples`` positions
+(or all of them, ``max_samples=None``, as the authors) is gathered directly from the input with
+one flat index, which costs O(n·d) and never pads or copies an image.
 
 The choice is random but reproducible: it is drawn from a generator seeded by the run seed, the
 layer name and the update count, so a resumed run draws exactly the same subsamples.
@@ -68,13 +69,15 @@ def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
 def conv_patches(
     x: Tensor,
     conv: nn.Conv2d,
-    count: int,
+    count: int | None,
     seed: int,
     step: int,
     images: Tensor | None = None,
     image_offset: int | None = None,
 ) -> Tensor:
     """``count`` random patches [count, C·kh·kw] of batch ``x``, as ``conv`` sees them.
+
+    ``count=None`` takes every position of the chosen images, in order (image, row, column).
 
     ``images`` indexes the batch elements to sample from (default: all). With ``image_offset``
     (a rank's shard of a global batch), ``images`` are global indices and ``x`` holds the
@@ -96,7 +99,8 @@ def conv_patches(
     device = x.device
     if images is None:
         images = torch.arange(batch, device=device)
-    pos = choose(images.numel() * out_h * out_w, count, device, seed, step, "positions")
+    total = images.numel() * out_h * out_w
+    pos = choose(total, total if count is None else count, device, seed, step, "positions")
     img = images[pos // (out_h * out_w)]
     rem = pos % (out_h * out_w)
     if image_offset is not None:
