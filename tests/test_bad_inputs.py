@@ -43,7 +43,18 @@ def test_resume_accepts_options_equal_to_the_saved_ones(tiny, capsys):
     command line are resolved before they are compared with what was saved."""
     assert main(["train", *flags({**tiny, "epochs": 1}), "--quiet", "--no-progress"]) == 0
     run = tiny["out"]
-    same = ["--seed", "0", "--lr", "1e-2", "--widths", "32", "--rule", "bp", "--normalize"]
+    same = [
+        "--seed",
+        "0",
+        "--lr",
+        "1e-2",
+        "--widths",
+        "32",
+        "--rule",
+        "bp",
+        "--normalize",
+        "standard",
+    ]
     assert main(["train", "--resume", run, "--epochs", "2", *same, "--quiet"]) == 0
     assert "epochs=2" in capsys.readouterr().out
     assert main(["train", "--resume", run, "--epochs", "2", "--lr", "0.01", "--quiet"]) == 0

@@ -36,6 +36,7 @@ from decorrelate.fixedpoint.landscape import line_poles, losses_at, minimiser, r
 from decorrelate.fixedpoint.loop import StepLoop
 from decorrelate.fixedpoint.rules import loss_and_delta
 from decorrelate.fixedpoint.sweep import load_sweep, run_sweep
+from decorrelate.fixedpoint.tasks import MODEL_KEYS as FIXEDPOINT_KEYS
 from decorrelate.fixedpoint.tasks import build_model, evaluate_fixed_points, make_teacher, run_task
 from decorrelate.losses import Loss
 from decorrelate.rules import get_rule
@@ -235,7 +236,7 @@ def test_one_teacher_step_at_the_papers_lr_is_the_notebooks_step(rule, tmp_path)
     lr, n, m = 0.3, 12, 8
     cfg = tiny_teacher(rule=rule, lr=lr, hidden=n, samples=m, steps=1)
     outcome = run_task(cfg, tmp_path / "run")
-    W1 = load_checkpoint(tmp_path / "run" / "model.pt")["model"]["W"]
+    W1 = load_checkpoint(tmp_path / "run" / "model.pt", require=FIXEDPOINT_KEYS)["model"]["W"]
     data = make_teacher(n, m, cfg.seed, F64)
     W0 = build_model(cfg.resolved(), None, None).W.detach()  # the same seeded draw as the run
     X, r_hat, eye = data.X.T, data.target.T, torch.eye(n, dtype=F64)  # column form
@@ -501,7 +502,7 @@ def test_final_stability_is_that_of_the_final_W_and_an_unstable_W_is_flagged(tmp
     assert fp_cli.run(parse(*argv, "--out", str(out))) == 0
     printed = capsys.readouterr().out.splitlines()
     summary = json.loads((out / "summary.json").read_text())
-    W = load_checkpoint(out / "model.pt")["model"]["W"]
+    W = load_checkpoint(out / "model.pt", require=FIXEDPOINT_KEYS)["model"]["W"]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     last_diagnosed = [r["max_re_eig_W"] for r in rows if "max_re_eig_W" in r][-1]
     assert last_diagnosed < 1  # what used to be reported as "final"
@@ -517,7 +518,7 @@ def test_final_stability_is_that_of_the_final_W_and_an_unstable_W_is_flagged(tmp
     assert fp_cli.run(parse(*argv, "--out", str(out))) == 0
     assert "warning:" not in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
-    W = load_checkpoint(out / "model.pt")["model"]["W"]
+    W = load_checkpoint(out / "model.pt", require=FIXEDPOINT_KEYS)["model"]["W"]
     assert summary["max_re_eig_W_final"] == pytest.approx(max_re_eig_explicit(W), rel=1e-9)
     assert summary["final_unstable"] is False and summary["final_stability"] == "stable"
 

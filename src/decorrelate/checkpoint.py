@@ -49,8 +49,16 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file or the ``checkpoint.pt`` inside a run directory."""
+#: What a training checkpoint holds (``--resume`` and ``eval`` need all of it).
+TRAINING_KEYS = ("config", "model", "epoch", "history")
+
+
+def load_checkpoint(path: str | Path, require: tuple[str, ...] = TRAINING_KEYS) -> dict[str, Any]:
+    """Load a checkpoint file or the ``checkpoint.pt`` inside a run directory.
+
+    ``require`` names the keys it must hold: a training checkpoint's by default; the fixed-point
+    runs' ``model.pt`` holds only ``("config", "model")``.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
@@ -64,8 +72,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read checkpoint {path}: {describe_load_error(err)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise UserError(f"{path} is not a decorrelate checkpoint (format {FORMAT_VERSION})")
-    missing = [key for key in ("config", "model", "epoch", "history") if key not in state]
-    if missing or not isinstance(state["config"], dict):
+    missing = [key for key in require if key not in state]
+    if missing or ("config" in require and not isinstance(state["config"], dict)):
         what = ", ".join(missing) if missing else "a config mapping"
         raise UserError(f"{path} is not a complete decorrelate checkpoint: it lacks {what}")
     return state

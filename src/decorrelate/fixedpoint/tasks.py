@@ -58,6 +58,8 @@ TEACHER_WEIGHT_SCALE = 0.5
 TEACHER_NOISE_STD = 0.01
 #: The trained network (state dict and config) saved in every run directory.
 MODEL_FILE = "model.pt"
+#: What ``model.pt`` holds (for :func:`~decorrelate.checkpoint.load_checkpoint`'s ``require``).
+MODEL_KEYS = ("config", "model")
 #: The synthetic stand-in for MNIST (quick checks and tests): 8×8 inputs, 10 classes.
 SYNTHETIC = {"synthetic_shape": (1, 8, 8), "synthetic_train": 2000, "synthetic_test": 500}
 
