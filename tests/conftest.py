@@ -9,6 +9,17 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def cli_flags(options: dict) -> list[str]:
+    """Command-line flags for a dict of options (``batch_size`` → ``--batch-size``; lists joined
+    with commas), so a test can run the CLI on the same options as the Python API."""
+    out = []
+    for key, value in options.items():
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
 @pytest.fixture
 def tiny(tmp_path: Path) -> dict:
     """Options for a tiny synthetic run (8×8 inputs, 512 examples, one hidden layer)."""

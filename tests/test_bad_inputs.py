@@ -14,16 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_flags
 from decorrelate.cli import EXIT_DIVERGED, EXIT_USER, main
-
-
-def flags(options: dict) -> list[str]:
-    out = []
-    for key, value in options.items():
-        if isinstance(value, list):
-            value = ",".join(map(str, value))
-        out += [f"--{key.replace('_', '-')}", str(value)]
-    return out
 
 
 def one_line(capsys, *needles: str) -> str:
@@ -41,7 +33,7 @@ def one_line(capsys, *needles: str) -> str:
 def test_resume_accepts_options_equal_to_the_saved_ones(tiny, capsys):
     """``--seed 0`` / ``--lr 0.01`` / ``--lr 1e-2`` name the saved values: the strings of the
     command line are resolved before they are compared with what was saved."""
-    assert main(["train", *flags({**tiny, "epochs": 1}), "--quiet", "--no-progress"]) == 0
+    assert main(["train", *cli_flags({**tiny, "epochs": 1}), "--quiet", "--no-progress"]) == 0
     run = tiny["out"]
     same = [
         "--seed",
@@ -67,7 +59,7 @@ def test_resume_accepts_options_equal_to_the_saved_ones(tiny, capsys):
 
 
 def test_resume_takes_a_config_file_in_either_spelling(tiny, tmp_path, capsys):
-    assert main(["train", *flags({**tiny, "epochs": 1}), "--quiet", "--no-progress"]) == 0
+    assert main(["train", *cli_flags({**tiny, "epochs": 1}), "--quiet", "--no-progress"]) == 0
     cfg = tmp_path / "again.yaml"
     cfg.write_text("batch-size: 64\nepochs: 2\n")  # the saved batch size, dashed
     args = ["train", "--resume", tiny["out"], "--config", str(cfg), "--batch-size", "64"]
@@ -114,7 +106,7 @@ def test_an_option_given_twice_in_one_config_file(tmp_path, capsys, name, text, 
 def test_config_json_is_replaced_atomically(tiny, monkeypatch):
     """A crash while config.json is rewritten (here: the disk fails at fsync) leaves the old
     file whole and no temporary file behind."""
-    assert main(["train", *flags({**tiny, "epochs": 1}), "--quiet", "--no-progress"]) == 0
+    assert main(["train", *cli_flags({**tiny, "epochs": 1}), "--quiet", "--no-progress"]) == 0
     config = Path(tiny["out"]) / "config.json"
     before = config.read_bytes()
 
@@ -136,16 +128,16 @@ def test_a_loss_that_grows_by_orders_of_magnitude_stops_the_run(tiny, capsys):
     """Adam at lr 1e6 drives the loss from 2.3 to ~1e14 and it stays finite: past
     ``max_loss_growth`` (1e3) times the untrained loss the run stops as diverged, exit 3."""
     opts = {**tiny, "lr": 1e6, "epochs": 3}
-    assert main(["train", *flags(opts), "--quiet", "--no-progress"]) == EXIT_DIVERGED
+    assert main(["train", *cli_flags(opts), "--quiet", "--no-progress"]) == EXIT_DIVERGED
     one_line(capsys, "diverged: training loss grew to", "1000x", "epoch 1", "lower --lr")
     from decorrelate.checkpoint import load_checkpoint
 
     assert load_checkpoint(tiny["out"])["epoch"] == 0  # the last good checkpoint
     # the documented way out: 0 turns the check off, and the finite loss is then trained on
     off = ["--max-loss-growth", "0", "--overwrite", "--quiet", "--no-progress"]
-    assert main(["train", *flags(opts), *off]) == 0
+    assert main(["train", *cli_flags(opts), *off]) == 0
     assert "done:" in capsys.readouterr().out
-    assert main(["train", *flags(opts), "--max-loss-growth", "1"]) == EXIT_USER
+    assert main(["train", *cli_flags(opts), "--max-loss-growth", "1"]) == EXIT_USER
     one_line(capsys, "max-loss-growth", "must be 0 (off) or > 1")
 
 
@@ -184,7 +176,7 @@ def test_help_states_each_default_once(command, capsys):
 
 def test_compare_with_no_jobs_leaves_no_folder(tiny, tmp_path, capsys):
     out = tmp_path / "grid"
-    assert main(["compare", *flags({**tiny, "out": str(out)}), "--jobs", "0"]) == EXIT_USER
+    assert main(["compare", *cli_flags({**tiny, "out": str(out)}), "--jobs", "0"]) == EXIT_USER
     one_line(capsys, "--jobs must be at least 1, got 0")
     assert not out.exists()
 
@@ -215,7 +207,7 @@ def test_parallel_runs_print_a_line_per_epoch_into_a_pipe(tiny, tmp_path):
     }
     opts = {**tiny, "out": str(tmp_path / "grid"), "epochs": 2}
     opts["np_noise"] = "gate_noise:gated"
-    command = [sys.executable, "-m", "decorrelate", "compare", *flags(opts)]
+    command = [sys.executable, "-m", "decorrelate", "compare", *cli_flags(opts)]
     command += ["--rules", "np", "--seeds", "0", "--jobs", "2", "--no-progress"]
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_flags
 from decorrelate.cli import main
 
 
@@ -21,15 +22,6 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
         env=full_env,
         timeout=120,
     )
-
-
-def tiny_flags(tiny: dict) -> list[str]:
-    flags = []
-    for key, value in tiny.items():
-        if isinstance(value, list):
-            value = ",".join(map(str, value))
-        flags += [f"--{key.replace('_', '-')}", str(value)]
-    return flags
 
 
 @pytest.mark.parametrize(
@@ -76,7 +68,7 @@ def test_missing_data_names_the_files(tmp_path):
 def test_unwritable_output_dir(tmp_path, tiny):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    proc = run_cli("train", *tiny_flags({**tiny, "out": str(blocker / "run")}))
+    proc = run_cli("train", *cli_flags({**tiny, "out": str(blocker / "run")}))
     assert proc.returncode == 2
     assert "cannot write to output directory" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -108,7 +100,7 @@ def test_train_eval_plot_and_resume_from_the_command_line(tiny, tmp_path, capsys
 
 def test_divergence_exits_non_zero_in_one_line(tiny):
     proc = run_cli(
-        "train", *tiny_flags(tiny), "--optimizer", "sgd", "--lr", "1e30", "--momentum", "0"
+        "train", *cli_flags(tiny), "--optimizer", "sgd", "--lr", "1e30", "--momentum", "0"
     )
     assert proc.returncode == 3
     assert "diverged" in proc.stderr and proc.stderr.count("\n") == 1
@@ -118,7 +110,7 @@ def test_compare_writes_table_and_plots(tiny, tmp_path, capsys):
     out = tmp_path / "grid"
     args = [
         "compare",
-        *tiny_flags({**tiny, "out": str(out), "epochs": 1}),
+        *cli_flags({**tiny, "out": str(out), "epochs": 1}),
         "--seeds",
         "0,1",
         "--sweep",
