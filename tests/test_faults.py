@@ -185,6 +185,40 @@ def test_a_frozen_worker_ends_the_job_after_the_timeout_in_one_line(tmp_path, la
     load_checkpoint(run)
 
 
+class _Failure:
+    """What the agent reports for one failed worker (exit code, and signal for negative ones)."""
+
+    def __init__(self, exitcode: int):
+        self.exitcode = exitcode
+
+    def signal_name(self) -> str:
+        return signal.Signals(-self.exitcode).name
+
+
+@pytest.mark.parametrize(
+    "codes, expected, says",
+    [
+        # rank 0 gave up on a frozen rank 1, which took the agent's SIGTERM once thawed (CI saw
+        # this order: 143 must not pass for an error rank 1 had reported itself)
+        ({0: 4, 1: 128 + signal.SIGTERM}, 4, "rank 0 lost its peers; rank 1 ended by SIGTERM"),
+        ({0: 4, 1: -signal.SIGKILL}, 4, "rank 1 ended by SIGKILL"),
+        ({0: 4, 1: 4}, 4, "rank 0 lost its peers; rank 1 lost its peers"),
+        ({0: cli.EXIT_USER, 1: 128 + signal.SIGTERM}, cli.EXIT_USER, None),  # rank 0 said why
+        ({0: 128 + signal.SIGTERM, 1: cli.EXIT_DIVERGED}, cli.EXIT_DIVERGED, None),
+    ],
+)
+def test_the_launcher_reports_lost_peers_once_and_passes_on_own_errors(
+    codes, expected, says, capsys
+):
+    failures = {rank: _Failure(code) for rank, code in codes.items()}
+    assert cli._report_failure(failures) == expected
+    err = capsys.readouterr().err
+    if says is None:
+        assert err == ""
+    else:
+        assert says in _one_line(err) and "the last checkpoint is kept" in err
+
+
 @needs_proc
 def test_sigterm_to_the_launcher_stops_and_waits_for_every_worker(tmp_path, launch_two, capsys):
     run = tmp_path / "run"

@@ -258,7 +258,9 @@ def _report_failure(failures: dict[int, Any]) -> int:
     from .distributed import EXIT_PEER_LOST
 
     codes = {rank: failure.exitcode for rank, failure in failures.items()}
-    own = [code for code in codes.values() if code > 0 and code != EXIT_PEER_LOST]
+    # 128 + N is a worker that caught signal N (the agent's SIGTERM once another rank failed, or
+    # one sent to it by hand): a consequence or a kill, never an error the worker reported itself
+    own = [code for code in codes.values() if 0 < code < 128 and code != EXIT_PEER_LOST]
     if own:  # a worker stopped on its own error and said so; the others were stopped after it
         return max(own)
     parts = []
@@ -266,6 +268,8 @@ def _report_failure(failures: dict[int, Any]) -> int:
         code = codes[rank]
         if code < 0:
             what = f"ended by {failures[rank].signal_name()}"
+        elif code > 128 and code - 128 in {int(s) for s in signal.Signals}:
+            what = f"ended by {signal.Signals(code - 128).name}"
         elif code == EXIT_PEER_LOST:
             what = "lost its peers"
         else:
