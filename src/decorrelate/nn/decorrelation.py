@@ -33,6 +33,8 @@ the clean pass. The last captured forward before an update is the one used.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +163,19 @@ class Decorrelator(nn.Module):
         """∂L/∂W from ∂L/∂W_eff: multiply by Rᵀ (for rules that write ``.grad`` themselves)."""
         g = effective_grad.reshape(effective_grad.shape[0], -1)
         return self.transform(g).reshape(effective_grad.shape)
+
+    def local_weight_grad(
+        self, kind: Any, inputs: Sequence[Tensor], errors: Sequence[Tensor]
+    ) -> tuple[Tensor, Tensor | None]:
+        """Σ ⟨e xᵀ⟩ Rᵀ for W (and Σ e for the bias) from raw inputs x: the wrapped layer's
+        :class:`~decorrelate.layers.LayerKind` forms the gradient for the effective weight W R,
+        which :meth:`weight_grad` maps to W (used by :func:`decorrelate.layers.weight_grad`)."""
+        gw, gb = kind.weight_grad(self.layer, inputs, errors)
+        return self.weight_grad(gw), gb
+
+    def local_input_grad(self, kind: Any, delta: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+        """``delta`` sent back to the raw input through ``weight`` R (``weight`` shaped like W)."""
+        return kind.input_grad(self.layer, delta, x, self.fold(weight))
 
     def dense_R(self) -> Tensor:
         """R as a full d×d matrix (block-diagonal layouts expanded; for tests and analysis)."""
@@ -403,6 +418,19 @@ class DecorLinear(Decorrelator):
         if capture:
             self._capture(x, z)
         return F.linear(z, self.layer.weight, self.layer.bias)
+
+    def local_weight_grad(self, kind, inputs, errors):
+        """The cheaper order: decorrelate the inputs (rows·d²) when there are fewer rows than
+        outputs, otherwise map the d-wide result through Rᵀ (out·d²)."""
+        a = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
+        e = torch.cat([t.reshape(-1, t.shape[-1]) for t in errors])
+        a = a.to(e.dtype)
+        gw = e.T @ self.transform(a) if e.shape[1] >= a.shape[0] else self.weight_grad(e.T @ a)
+        return gw, kind._bias_grad(self.layer, errors)
+
+    def local_input_grad(self, kind, delta, x, weight):
+        # (δ B) R rather than δ (B R): rows·out·d + rows·d² instead of out·d² per step.
+        return self.pull_back(delta @ weight.to(delta.dtype))
 
     def _capture(self, x: Tensor, z: Tensor | None) -> None:
         d = self.in_features
