@@ -194,7 +194,9 @@ _CIFAR: dict[str, _CifarSpec] = {
 class Dataset:
     """A labelled data set held as two tensors; batches are cut by indexing, not by a DataLoader.
 
-    ``x`` is float32 ``[N, *input_shape]`` and ``y`` int64 ``[N]``.
+    ``x`` is float32 ``[N, *input_shape]`` (token ids: int64) and ``y`` int64 ``[N]``, or
+    ``[N, ...]`` for one label per position (next-token targets ``[N, T]``, see
+    :mod:`decorrelate.text`).
     """
 
     x: Tensor
@@ -203,10 +205,10 @@ class Dataset:
     name: str
 
     def __post_init__(self) -> None:
-        if self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
+        if self.y.ndim < 1 or self.x.shape[0] != self.y.shape[0]:
             raise ValueError(
                 f"Dataset {self.name!r}: x has {self.x.shape[0]} rows, y has shape "
-                f"{tuple(self.y.shape)}; expected one label per row"
+                f"{tuple(self.y.shape)}; expected labels for each row"
             )
 
     def __len__(self) -> int:

@@ -91,7 +91,7 @@ def update_angles(
         stack.enter_context(capturing(model, False))
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            rule.loss(model(x), y).backward()
+            rule.loss(rule.loss.select(model(x)), y).backward()
         if reduce is not None:
             reduce([p for p in model.parameters() if p.grad is not None])
         bp = {id(p): None if p.grad is None else p.grad.clone() for _, p in params}

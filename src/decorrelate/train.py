@@ -26,7 +26,7 @@ from . import distributed as dist
 from .config import TrainConfig, code_references, make_config, save_config, without_code
 from .data import Dataset, DataSplits, epoch_order, load_dataset
 from .errors import TrainingDiverged, UserError
-from .losses import Loss
+from .losses import Loss, as_loss
 from .metrics import update_angles
 from .models import build_model
 from .nn import decorrelators, local_stats, local_update
@@ -114,15 +114,19 @@ def build_network(config: TrainConfig, input_shape: tuple[int, ...], num_classes
 
 
 def build_parts(
-    config: TrainConfig, splits: DataSplits, device: torch.device
+    config: TrainConfig,
+    splits: DataSplits,
+    device: torch.device,
+    loss: Loss | str | Callable[..., Tensor] | None = None,
 ) -> tuple[nn.Module, LearningRule, Loss]:
     """Model (with decorrelators) on ``device``, its attached rule, and the loss.
 
     Training and :func:`evaluate_checkpoint` both build through here, so a checkpoint's buffers
-    (decorrelation matrices, feedback matrices) always find their modules.
+    (decorrelation matrices, feedback matrices) always find their modules. ``loss`` (a Loss, a
+    name or a callable) replaces ``config.loss``.
     """
     model = build_network(config, splits.train.input_shape, splits.train.num_classes).to(device)
-    loss = Loss(config.loss)
+    loss = as_loss(config.loss if loss is None else loss)
     rule = rule_class(config.rule).from_config(config)
     if config.alignment_score:
         if config.rule != "bp":
@@ -161,18 +165,21 @@ def evaluate(model: nn.Module, data: Dataset, loss: Loss, batch_size: int) -> tu
     """Mean loss and accuracy of ``model`` on ``data`` (eval mode, no graph).
 
     Under torch.distributed each rank evaluates its contiguous share and the sums are
-    all-reduced, so every rank returns the numbers of the whole set.
+    all-reduced, so every rank returns the numbers of the whole set. The model may return a
+    dict/tuple/``ModelOutput`` (``loss.select`` picks the output); with token-level targets
+    [N, T] both numbers are over the non-ignored tokens (``loss.count``).
     """
     was_training = model.training
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=data.x.device)  # loss, correct
+    sums = torch.zeros(3, dtype=torch.float64, device=data.x.device)  # loss, correct, targets
     for x, y in data.batches(batch_size, order=dist.shard_order(len(data))):
-        out = model(x)
+        out = loss.select(model(x))
         sums[0] += loss(out, y, reduction="sum").double()
-        sums[1] += (out.argmax(-1) == y).sum()
+        sums[1] += loss.correct(out, y)
+        sums[2] += loss.count(y)
     model.train(was_training)
-    n = max(1, len(data))
-    total_loss, correct = dist.all_sum(sums).tolist()
+    total_loss, correct, n = dist.all_sum(sums).tolist()
+    n = max(1.0, n)
     return total_loss / n, correct / n
 
 
@@ -211,7 +218,10 @@ class Trainer:
     """Holds everything of one run: data, model, rule, optimizer, history.
 
     Most users call :func:`train`; the class exists so benchmarks and tests can drive single
-    epochs (``train_epoch``) and so resuming is one method (``load``).
+    epochs (``train_epoch``) and so resuming is one method (``load``). ``loss`` (a
+    :class:`~decorrelate.losses.Loss`, a loss name or a callable ``fn(output, target)``)
+    replaces ``config.loss``; config.json still names ``config.loss``, so pass the same ``loss``
+    again to resume such a run.
     """
 
     def __init__(
@@ -221,6 +231,7 @@ class Trainer:
         data: DataSplits | None = None,
         log: Log | None = print,
         progress: bool | None = None,
+        loss: Loss | str | Callable[..., Tensor] | None = None,
     ) -> None:
         self.config = config
         dist.setup(config.device, config.dist_timeout, config.dist_backend)  # no-op unless launched
@@ -234,7 +245,7 @@ class Trainer:
         self.train_data = splits.train.to(self.device)
         self.test_data = splits.test.to(self.device)
         self.val_data = splits.val.to(self.device) if splits.val is not None else None
-        self.model, self.rule, self.loss = build_parts(config, splits, self.device)
+        self.model, self.rule, self.loss = build_parts(config, splits, self.device, loss)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(config, self.params)
         # Several processes: autograd rules run through DDP (it all-reduces .grad during the
@@ -276,10 +287,10 @@ class Trainer:
         order = epoch_order(len(self.train_data), cfg.seed, epoch).to(self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = torch.zeros((), dtype=torch.int64, device=self.device)  # targets, not ignored
         # A sync per step is free on CPU; on a GPU check for divergence less often.
         check_every = 1 if self.device.type == "cpu" else 20
         limit = self.loss_limit()
-        seen = 0
         model.train()
         total = self.steps_per_epoch if max_steps is None else min(max_steps, self.steps_per_epoch)
         bar = tqdm(
@@ -316,15 +327,14 @@ class Trainer:
                     scheduler.step()
                 if local_update is not None:
                     local_update()
-                loss_sum += out.loss.double() / self.loss.scale * y.shape[0]
-                correct += (out.output.argmax(-1) == y).sum()
-                seen += y.shape[0]
+                count = self.loss.count(y)
+                loss_sum += out.loss.double() / self.loss.scale * count
+                correct += self.loss.correct(out.output, y)
+                seen += count
                 bar.update()
         finally:
             self.loss.scale = 1.0
-        totals = dist.all_sum(
-            torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=self.device)])
-        )
+        totals = dist.all_sum(torch.stack([loss_sum, correct.double(), seen.double()]))
         loss_sum, correct, seen = totals[0], int(totals[1]), int(totals[2])
         mean_loss = loss_sum / max(1, seen)
         if not torch.isfinite(mean_loss) or mean_loss > limit:  # same on every rank
@@ -526,8 +536,11 @@ def train(
     log: Log | None = print,
     progress: bool | None = None,
     data: DataSplits | None = None,
+    loss: Loss | str | Callable[..., Tensor] | None = None,
 ) -> RunResult:
     """Train a fresh run described by ``config`` and write its directory.
+
+    ``loss`` replaces ``config.loss`` (see :class:`Trainer`).
 
     Refuses to overwrite a directory that already holds a checkpoint unless ``overwrite``
     (use :func:`resume` to continue one).
@@ -545,7 +558,7 @@ def train(
     lock = _claim(out, no_run_there)  # every rank has its answer before rank 0 writes anything
     try:
         cfg = cfg.replace(out=str(out))
-        trainer = Trainer(cfg, data=data, log=log, progress=progress)
+        trainer = Trainer(cfg, data=data, log=log, progress=progress, loss=loss)
         cfg = _resolved(cfg, trainer)
         trainer.config = cfg
         if dist.is_main():
@@ -563,8 +576,12 @@ def resume(
     log: Log | None = print,
     progress: bool | None = None,
     data: DataSplits | None = None,
+    loss: Loss | str | Callable[..., Tensor] | None = None,
 ) -> RunResult:
     """Continue the run in ``run_dir`` from its checkpoint (optionally to more ``epochs``).
+
+    ``loss``: the one the run was trained with, if it was not ``config.loss`` (see
+    :class:`Trainer`).
 
     ``overrides`` are what the user gave (command line, their own config file). A noise sampler
     the checkpoint names by import path (``module:function``) is imported only when the
@@ -602,7 +619,7 @@ def resume(
     try:
         if _file_identity(out / ckpt.CHECKPOINT) != seen:  # a run finished in between: reread
             state = ckpt.load_checkpoint(path)
-        trainer = Trainer(cfg, data=data, log=log, progress=progress)
+        trainer = Trainer(cfg, data=data, log=log, progress=progress, loss=loss)
         trainer.load_state_dict(state, where=out / ckpt.CHECKPOINT)
         if dist.is_main():
             save_config(cfg, out / ckpt.CONFIG)

@@ -54,7 +54,7 @@ class AlignmentProbe(LearningRule):
         example: Tensor | None = None,
     ) -> None:
         super().attach(model, loss, generator)
-        self.zero.attach(model, loss, None)
+        self.zero.attach(model, self.loss, None)
         self._layers = {name: inner_layer(m) for name, m in self.zero.points}
         self.initial = {n: layer.weight.detach().clone() for n, layer in self._layers.items()}
         self.predicted = {n: torch.zeros_like(w) for n, w in self.initial.items()}
@@ -85,7 +85,7 @@ class AlignmentProbe(LearningRule):
         }
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        output = model(x)
+        output = self.loss.select(model(x))
         loss = self.loss(output, y)
         (error,) = torch.autograd.grad(loss, output, retain_graph=True)
         loss.backward()

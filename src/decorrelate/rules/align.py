@@ -219,7 +219,7 @@ class _TwinAlign(LearningRule):
         """Forward the real network (no graph): its output, the mean loss and e = ∂L/∂output."""
         real = self._real.recording() if self._real is not None else _nothing()
         with real, torch.no_grad(), capturing(model, True):
-            output = model(x)
+            output = self.loss.select(model(x))
         out = output.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self.loss(out, y)
@@ -236,7 +236,7 @@ class _TwinAlign(LearningRule):
         twin, recorder = self.twin, self._twin
         twin.train(self.model.training)
         with recorder.recording(), torch.enable_grad(), capturing(twin, False):
-            out0 = twin(x)
+            out0 = self.loss.select(twin(x))
         if out0.shape != error.shape:
             raise UserError(
                 f"the twin's output {tuple(out0.shape)} does not match the network's "
@@ -499,7 +499,7 @@ class LastLayer(LearningRule):
         super().detach()
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        output = model(x)
+        output = self.loss.select(model(x))
         loss = self.loss(output, y)
         loss.backward()
         return StepOutput(loss.detach(), output.detach())

@@ -14,7 +14,7 @@ class Backprop(LearningRule):
     ddp_autograd = True
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        output = model(x)
+        output = self.loss.select(model(x))
         loss = self.loss(output, y)
         loss.backward()
         return StepOutput(loss.detach(), output.detach())

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..losses import Loss
+from ..losses import Loss, as_loss
 
 
 class StepOutput(NamedTuple):
@@ -92,18 +92,22 @@ class LearningRule:
     def attach(
         self,
         model: nn.Module,
-        loss: Loss,
+        loss: Loss | str | Callable[..., Tensor],
         generator: torch.Generator | None = None,
         example: Tensor | None = None,
     ) -> None:
         """Prepare ``model`` for this rule.
+
+        ``loss`` is a :class:`~decorrelate.losses.Loss` (which also says how to pick the output
+        tensor from a dict/tuple/``ModelOutput``), a built-in loss name or a callable
+        ``fn(output, target)``.
 
         ``generator`` is the rule's own seeded RNG (feedback matrices, noise). ``example`` is an
         input batch for rules whose buffers depend on activation shapes (DFA): with it they are
         created now, so a checkpoint can be loaded right after ``attach``.
         """
         self.model = model
-        self.loss = loss
+        self.loss = as_loss(loss)
         self.generator = generator
 
     @contextmanager

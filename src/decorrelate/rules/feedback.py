@@ -263,7 +263,7 @@ class FeedbackAlignment(_FeedbackRule):
         return out.detach() + (x - x.detach())
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        output = model(x)
+        output = self.loss.select(model(x))
         loss = self.loss(output, y)
         loss.backward()
         return StepOutput(loss.detach(), output.detach())
@@ -331,7 +331,7 @@ class DirectFeedbackAlignment(_FeedbackRule):
                     for _, m in self.points[1:]
                 ]
                 try:
-                    classes = model(example[:1])[0].numel()
+                    classes = self.loss.select(model(example[:1]))[0].numel()
                 finally:
                     for h in handles:
                         h.remove()
@@ -369,7 +369,7 @@ class DirectFeedbackAlignment(_FeedbackRule):
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         self._hidden = []
-        output = model(x)
+        output = self.loss.select(model(x))
         loss = self.loss(output, y)
         hidden, self._hidden = self._hidden, []
         if not hidden:  # suspended, or a single-layer model: plain BP

@@ -406,8 +406,9 @@ class NodePerturbation(LearningRule):
             make_hooks(i, module)
         try:
             with torch.no_grad():
-                out = model(x)
-                losses = self.loss(out, y.repeat(copies), reduction="none").reshape(copies, batch)
+                out = self.loss.select(model(x))
+                ys = y.repeat(copies, *[1] * (y.dim() - 1))
+                losses = self.loss(out, ys, reduction="none").reshape(copies, batch)
         finally:
             for h in handles:
                 h.remove()
