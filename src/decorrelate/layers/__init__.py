@@ -1,0 +1,3 @@
+from .unroll import unroll
+
+__all__ = ["unroll"]
