@@ -3,6 +3,8 @@
 :class:`LayerKind` adapters say how to apply a layer's weight, form its local gradient and send an
 error back through a replacement matrix; :func:`find_layers` lists a model's layers;
 :func:`register_layer_kind` adds a user's own kind. See :mod:`decorrelate.layers.kinds`.
+:func:`unroll` turns recurrent and attention modules into such layers (one Linear called per
+time step, attention projections as Linear layers), keeping their Parameters.
 """
 
 from .kinds import (
@@ -31,6 +33,7 @@ from .registry import (
     weight_grad,
     weight_of,
 )
+from .unroll import unroll
 
 __all__ = [
     "ConvKind",
@@ -53,6 +56,7 @@ __all__ = [
     "loose_parameters",
     "register_layer_kind",
     "unregister_layer_kind",
+    "unroll",
     "weight_grad",
     "weight_of",
 ]
