@@ -89,9 +89,17 @@ def find_layers(model: nn.Module, *, norms: bool = False) -> list[tuple[str, nn.
     module that also has children (a positional embedding, a class token) are not a layer:
     see :func:`loose_parameters`. A module without children that holds parameters and that no
     kind covers raises one :class:`UserError` naming it. A model with no layer is refused.
-    Call :func:`~decorrelate.layers.unroll` first for recurrent and attention modules (rules'
-    ``attach`` does).
+    Recurrent and attention modules are first unrolled in place (:func:`~decorrelate.layers.unroll`:
+    the same Parameters, now held by Linear layers called once per step), so that every rule
+    that asks for the layers sees them; ``model`` itself must not be such a module.
     """
+    from .unroll import unroll
+
+    if unroll(model) is not model:
+        raise UserError(
+            f"the model is a bare {type(model).__name__}; call model = "
+            "decorrelate.layers.unroll(model) first, or put it inside a module"
+        )
     found: list[tuple[str, nn.Module]] = []
     inside: set[int] = set()
     for name, module in model.named_modules():
