@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..layers import inner_layer, weight_of
 from ..metrics import ConvGeometry, alignment_scores
 from ..rules.align import AlignZero
 from ..rules.base import LearningRule, StepOutput
-from ..rules.layers import inner_layer
+from ..rules.feedback import select_output
 
 
 class AlignmentProbe(LearningRule):
@@ -56,7 +57,7 @@ class AlignmentProbe(LearningRule):
         super().attach(model, loss, generator)
         self.zero.attach(model, loss, None)
         self._layers = {name: inner_layer(m) for name, m in self.zero.points}
-        self.initial = {n: layer.weight.detach().clone() for n, layer in self._layers.items()}
+        self.initial = {n: weight_of(layer).detach().clone() for n, layer in self._layers.items()}
         self.predicted = {n: torch.zeros_like(w) for n, w in self.initial.items()}
         self._handles = [
             module.register_forward_pre_hook(self._size_hook(name))
@@ -85,7 +86,7 @@ class AlignmentProbe(LearningRule):
         }
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        output = model(x)
+        output = select_output(self.loss, model(x))
         loss = self.loss(output, y)
         (error,) = torch.autograd.grad(loss, output, retain_graph=True)
         loss.backward()
@@ -98,7 +99,7 @@ class AlignmentProbe(LearningRule):
     def changes(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{layer: (ΔW of BP so far, ΔŴ predicted by align-zero)}`` (both as descent steps)."""
         return {
-            name: (layer.weight.detach() - self.initial[name], -self.predicted[name])
+            name: (weight_of(layer).detach() - self.initial[name], -self.predicted[name])
             for name, layer in self._layers.items()
         }
 

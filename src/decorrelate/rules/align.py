@@ -60,11 +60,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import layers as L
 from ..errors import UserError
+from ..layers.runtime import call_order, mark_attached, release, rule_layers
 from ..nn import capturing
-from .base import LearningRule, StepOutput, register_rule
-from .feedback import FeedbackAlignment
-from .layers import accumulate_grad, inner_layer, local_weight_grad, trainable_layers
+from .base import LearningRule, StepOutput, accumulate_grad, register_rule
+from .feedback import FeedbackAlignment, select_output
 
 # ----------------------------------------------------------------------------- recording
 
@@ -153,13 +154,14 @@ def norm_vjp(norm: nn.Module, x: Tensor, grad: Tensor) -> Tensor:
 
 
 def check_align_model(model: nn.Module, points: list[tuple[str, nn.Module]]) -> None:
-    """Every trainable parameter must sit in a rule layer (batch norm without affine params)."""
+    """Every trainable parameter must sit in a rule layer (a layer kind or a norm's affine)."""
     owned = {id(p) for _, m in points for p in m.parameters()}
     extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
     if extra:
         raise UserError(
-            f"align rules train only Linear/Conv2d layers; {extra[0]} is another trainable "
-            "parameter (use batch norm with affine=False, as in the Align paper)"
+            f"align rules train only layers (decorrelate.layers.find_layers, normalisation "
+            f"affine parameters included); {extra[0]} is a parameter outside every layer "
+            "(freeze it, or train the model with rule bp)"
         )
 
 
@@ -193,8 +195,9 @@ class _TwinAlign(LearningRule):
     ) -> None:
         """Take the twin: a frozen deep copy of ``model`` as it is now (its initialisation)."""
         super().attach(model, loss, generator)
-        self.points = trainable_layers(model)
+        self.points = rule_layers(model, norms=True)
         check_align_model(model, self.points)
+        mark_attached(self.name, [m for _, m in self.points])
         self.twin = make_twin(model)
         twin_modules = dict(self.twin.named_modules())
         self.twin_points = [twin_modules[name] for name, _ in self.points]
@@ -208,6 +211,7 @@ class _TwinAlign(LearningRule):
             )
 
     def detach(self) -> None:
+        release([m for _, m in self.points])
         for recorder in (self._real, self._twin):
             if recorder is not None:
                 recorder.remove()
@@ -219,7 +223,7 @@ class _TwinAlign(LearningRule):
         """Forward the real network (no graph): its output, the mean loss and e = ∂L/∂output."""
         real = self._real.recording() if self._real is not None else _nothing()
         with real, torch.no_grad(), capturing(model, True):
-            output = model(x)
+            output = select_output(self.loss, model(x))
         out = output.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self.loss(out, y)
@@ -236,7 +240,7 @@ class _TwinAlign(LearningRule):
         twin, recorder = self.twin, self._twin
         twin.train(self.model.training)
         with recorder.recording(), torch.enable_grad(), capturing(twin, False):
-            out0 = twin(x)
+            out0 = select_output(self.loss, twin(x))
         if out0.shape != error.shape:
             raise UserError(
                 f"the twin's output {tuple(out0.shape)} does not match the network's "
@@ -275,10 +279,9 @@ class _TwinAlign(LearningRule):
                 continue
             if self._real is not None and self.bn_mixing == "real":
                 ds = self._through_real_norms(name, i, ds)
-            layer = inner_layer(module)
             owner = module if self.presynaptic == "current" else self.twin_points[i]
-            gw, gb = local_weight_grad(owner, inputs, ds)  # decorrelated: through R's owner
-            updates.append((layer, gw.reshape(layer.weight.shape), gb))
+            gw, gb = L.weight_grad(owner, inputs, ds)  # decorrelated: through R's owner
+            updates.append((L.inner_layer(module), gw, gb))
         return updates
 
     def _through_real_norms(self, name: str, index: int, deltas: list[Tensor]) -> list[Tensor]:
@@ -314,8 +317,9 @@ class _TwinAlign(LearningRule):
         output, loss, error = self.output_error(model, x, y)
         try:
             for layer, gw, gb in self.layer_updates(self.twin_deltas(x, error)):
-                accumulate_grad(layer.weight, gw)
-                accumulate_grad(layer.bias, gb)
+                accumulate_grad(L.weight_of(layer), gw)
+                if gb is not None:
+                    accumulate_grad(L.bias_of(layer), gb)
         finally:
             for recorder in (self._real, self._twin):
                 if recorder is not None:
@@ -326,7 +330,7 @@ class _TwinAlign(LearningRule):
         """``weight_change/<layer>``: ‖W_t − W_0‖ / ‖W_0‖ (how far from the lazy regime)."""
         out = {}
         for (name, module), twin_module in zip(self.points, self.twin_points, strict=True):
-            w, w0 = inner_layer(module).weight.detach(), inner_layer(twin_module).weight.detach()
+            w, w0 = L.weight_of(module).detach(), L.weight_of(twin_module).detach()
             out[f"weight_change/{name}"] = float(
                 torch.linalg.vector_norm((w - w0).double())
                 / torch.linalg.vector_norm(w0.double()).clamp_min(1e-30)
@@ -444,7 +448,7 @@ class AlignProp(FeedbackAlignment):
     ) -> None:
         super().attach(model, loss, generator, example)
         for _, module in self.points:
-            w0 = inner_layer(module).weight.detach().clone()
+            w0 = L.weight_of(module).detach().clone()
             module.register_buffer(self.buffer_name, w0)
 
     def feedback(self, module: nn.Module) -> Tensor:
@@ -456,17 +460,21 @@ class AlignProp(FeedbackAlignment):
 
 @register_rule("last-layer")
 class LastLayer(LearningRule):
-    """Train only the readout (the last Linear/Conv2d in module order) with its true gradient.
+    """Train only the readout with its true gradient; every other layer stays at its initial value.
 
-    A forward pre-hook hands the readout a detached input, so ``loss.backward()`` fills only the
-    readout's ``.grad``; every other parameter keeps ``grad = None`` and the optimizer skips it.
+    The readout is the layer called last in a forward pass (found with the example batch at
+    attach, or on the first step), whatever the order of definition in ``__init__``; or the
+    layer named by ``readout`` (a name from ``model.named_modules()``). Only the readout's
+    parameters get a ``.grad`` (one ``autograd.grad`` for them, which runs the backward no
+    further than the readout); every other parameter — layers, embeddings, norms — keeps
+    ``grad = None`` and the optimizer skips it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, readout: str | None = None) -> None:
         super().__init__()
+        self.readout_name = readout
         self.readout: nn.Module | None = None
-        self._handle: Any = None
-        self.active = True
+        self.points: list[tuple[str, nn.Module]] = []
 
     def attach(
         self,
@@ -476,30 +484,40 @@ class LastLayer(LearningRule):
         example: Tensor | None = None,
     ) -> None:
         super().attach(model, loss, generator)
-        self.readout = trainable_layers(model)[-1][1]
-        self._handle = self.readout.register_forward_pre_hook(self._cut)
+        self.points = rule_layers(model)
+        mark_attached(self.name, [m for _, m in self.points])
+        if self.readout_name is not None:
+            named = dict(self.points)
+            if self.readout_name not in named:
+                raise UserError(
+                    f"readout {self.readout_name!r} is not a layer of the model; the layers are: "
+                    f"{', '.join(repr(n) for n in named)}"
+                )
+            self._set_readout(named[self.readout_name])
+        elif example is not None:
+            self._find_readout(model, example)
 
-    def _cut(self, module: nn.Module, args: tuple) -> tuple | None:
-        if not self.active or not isinstance(args[0], Tensor):
-            return None
-        return (args[0].detach(), *args[1:])
+    def _find_readout(self, model: nn.Module, example: Tensor) -> None:
+        calls = call_order(model, [m for _, m in self.points], example)
+        if not calls:
+            raise UserError("no layer of the model ran in a forward pass; cannot find the readout")
+        self._set_readout(calls[-1][0])
 
-    @contextmanager
-    def suspended(self) -> Iterator[None]:
-        previous, self.active = self.active, False
-        try:
-            yield
-        finally:
-            self.active = previous
+    def _set_readout(self, module: nn.Module) -> None:
+        self.readout = module
 
     def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-        self._handle, self.readout = None, None
+        release([m for _, m in self.points])
+        self.readout, self.points = None, []
         super().detach()
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        output = model(x)
+        if self.readout is None:
+            self._find_readout(model, x)
+        output = select_output(self.loss, model(x))
         loss = self.loss(output, y)
-        loss.backward()
+        params = [p for p in (L.weight_of(self.readout), L.bias_of(self.readout)) if p is not None]
+        params = [p for p in params if p.requires_grad]
+        for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+            accumulate_grad(p, g)
         return StepOutput(loss.detach(), output.detach())

@@ -187,3 +187,14 @@ def rule_class(name: str) -> type[LearningRule]:
 def get_rule(name: str, **options: Any) -> LearningRule:
     """Instantiate the rule registered as ``name`` with keyword options."""
     return rule_class(name)(**options)
+
+
+def accumulate_grad(param: Tensor | None, grad: Tensor) -> None:
+    """Add a hand-computed update into ``param.grad`` (rules that write ``.grad`` themselves).
+
+    Skips missing and frozen parameters; casts and reshapes to the parameter.
+    """
+    if param is None or not param.requires_grad:
+        return
+    grad = grad.to(param.dtype).reshape(param.shape)
+    param.grad = grad if param.grad is None else param.grad + grad
