@@ -67,7 +67,7 @@ class Shared(nn.Module):
 
 
 class HeadFirst(nn.Module):
-    """The readout is defined first in ``__init__`` and called last."""
+    """The readout is defined first in ``__init__`` and called last (by keyword)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,7 +75,7 @@ class HeadFirst(nn.Module):
         self.body = nn.Linear(6, 5)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.body(x)))
+        return self.head(input=torch.tanh(self.body(x)))
 
 
 def _models():
@@ -307,6 +307,13 @@ def test_dfa_and_last_layer_find_the_readout_by_forward_order():
     rule = get_rule("dfa")
     rule.attach(model, Loss(), torch.Generator().manual_seed(0), example=x)
     assert model.head.dfa_feedback.shape == (5, 3) and not hasattr(model.body, "dfa_feedback")
+    got = rule_grads(rule, model, x, y)  # random B: the body gets B e, not the head's Wᵀe
+    with torch.no_grad():
+        h = torch.tanh(model.body(x))
+        e = (torch.softmax(model.head(h), 1) - F.one_hot(y, 3)) / 7
+    delta = (e @ model.head.dfa_feedback.T) * (1 - h**2)
+    torch.testing.assert_close(got["body.weight"], delta.T @ x)
+    torch.testing.assert_close(got["head.weight"], expected["head.weight"])
     model.head.dfa_feedback.copy_(model.head.weight.detach().T)  # B = Wᵀ: one hidden layer → BP
     got = rule_grads(rule, model, x, y)
     for n in expected:
@@ -401,6 +408,30 @@ def test_align_zero_on_conv1d_hf_conv1d_and_embedding_is_twin_backprop():
         torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-12)
         if n.endswith("weight"):  # the twin is not the network (the readout's Σe is the same)
             assert not torch.allclose(got[n], bp[n], rtol=1e-3)
+
+
+def test_align_zero_on_decorrelated_layers_uses_the_twins_r():
+    """The twin keeps R (and W) as at attach: J₀ᵀe with the twin's parameters and buffers."""
+    model, x, y = build("shared-layer")
+    dnn.decorrelate(model, "scaled")
+    rule = get_rule("align-zero")
+    rule.attach(model, Loss())
+    twin = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt.zero_grad()
+    Loss()(model(x), y).backward()
+    opt.step()
+    for _, m in dnn.decorrelators(model):  # R moves too
+        m.R.add_(0.2 * torch.randn(m.R.shape, dtype=m.R.dtype))
+    out = model(x).detach().requires_grad_(True)
+    (e,) = torch.autograd.grad(Loss()(out, y), out)
+    params = {n: twin[n] for n, _ in model.named_parameters()}
+    buffers = {n: twin[n] for n, _ in model.named_buffers()}
+    _, pull = vjp(lambda p: functional_call(model, {**p, **buffers}, (x,)), params)
+    expected = pull(e)[0]
+    got = rule_grads(rule, model, x, y)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("rule_name", ["fa", "dfa", "align-zero", "align-ada", "align-prop",

@@ -22,6 +22,16 @@ from ..errors import UserError
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
+def layer_input(args: tuple, kwargs: dict) -> tuple[Any, Callable[[Tensor], tuple]]:
+    """A layer call's input (the first positional argument, or ``input=``) and a function
+    that rebuilds ``(args, kwargs)`` with a replacement for it (forward pre-hooks)."""
+    if args:
+        return args[0], lambda t: ((t, *args[1:]), kwargs)
+    if "input" in kwargs:
+        return kwargs["input"], lambda t: (args, {**kwargs, "input": t})
+    return None, lambda t: (args, kwargs)
+
+
 def rule_layers(model: nn.Module, *, norms: bool = False) -> list[tuple[str, nn.Module]]:
     """:func:`~decorrelate.layers.find_layers` after :func:`~decorrelate.layers.unroll` (when
     available): the layers a rule acts on, recurrent and attention modules made of Linears."""
@@ -50,10 +60,11 @@ def call_order(
     called with the model's output.
     """
     seen: list[tuple[nn.Module, Tensor | None]] = []
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0] if args else None)))
-        for m in layers
-    ]
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((module, layer_input(args, kwargs)[0]))
+
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()

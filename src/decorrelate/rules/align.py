@@ -21,19 +21,31 @@ Batch norm. Where a layer's output goes straight into batch norm, align-ada by d
 the twin's δ at the norm's output and carries it to the layer through the *real* network's
 batch norm (its current batch statistics), as the authors' code does; ``bn_mixing="twin"``
 (``--align-bn-mixing twin``) takes δ at the layer's output instead, through the twin's norm.
-See :class:`AlignAda`. align-zero uses the twin throughout (no choice to make).
+See :class:`AlignAda`. align-zero uses the twin throughout (no choice to make). Other norms
+(LayerNorm, GroupNorm, RMSNorm) are not mixed: δ is taken at the layer's output, through the
+twin's norm.
+
+Which layers. Every layer :func:`decorrelate.layers.find_layers` lists (Linear and subclasses,
+Conv1d/2d/3d with any stride, dilation, padding mode and groups, Hugging Face ``Conv1D``,
+``nn.Embedding``, decorrelated wrappers, registered kinds) and the affine parameters of
+normalisation layers, which are a layer a = γ ⊙ x̂ + β whose presynaptic activity is the
+normalised input x̂: ΔW = Σ δ_{l,0} ⊙ x̂ with x̂ from the twin (zero) or the network (ada), each
+with its own batch statistics. An embedding's presynaptic activity is its (one-hot) index,
+the same in the twin and the network: both rules scatter δ_{l,0} into the rows it looked up.
+A trainable parameter outside every layer (a positional embedding held by a container) is
+refused with one error.
 
 How the twin rules work (one vectorised pass each, no per-sample loops):
 
-1. the real network runs forward without an autograd graph; forward hooks on every layer (each
-   ``nn.Linear`` / ``nn.Conv2d`` or decorrelated wrapper of one) record its input when ``ada``
-   needs it; e = ∂L/∂output is taken on the detached output;
+1. the real network runs forward without an autograd graph; forward hooks on every layer
+   record its input when ``ada`` needs it; e = ∂L/∂output is taken on the detached output;
 2. the twin runs forward *with* a graph; the same hooks record each layer's input a_{l−1,0} and
    output h_{l,0} (made a graph leaf where nothing upstream requires grad);
 3. one ``torch.autograd.grad(twin_output, [h_l...], grad_outputs=e)`` gives every δ_{l,0}
    (for align-ada's default batch-norm mixing, at the norm's output, then through the real
    network's norm by :func:`norm_vjp`);
-4. ΔW_l = δ_{l,0} aᵀ (a matmul, or ``conv2d_weight`` for convolutions), Δb_l = Σ δ_{l,0};
+4. ΔW_l = δ_{l,0} aᵀ (the layer kind's :meth:`~decorrelate.layers.LayerKind.weight_grad`:
+   a matmul, ``conv*d_weight`` for convolutions, an index-add for embeddings), Δb_l = Σ δ_{l,0};
    these are written into the real network's ``.grad``.
 
 A layer called several times per forward — the recurrent weights of an RNN unrolled in time —
@@ -41,8 +53,8 @@ is recorded at every call, and the sum over calls is back-propagation through ti
 twin along *its own* trajectory. The twin is a deep copy of the model taken in :meth:`attach`:
 its parameters do not require grad, its batch-norm running statistics are frozen (momentum 0),
 its decorrelators never update, and its weights are part of :meth:`state_dict` so a checkpoint
-resumes exactly. Batch norm is allowed only without affine parameters (as in the paper): every
-trainable parameter must belong to a rule layer.
+resumes exactly. (The paper's batch norm has no affine parameters; with them, γ and β are
+trained as layers, above.)
 
 Cost: one forward of the real network without a graph, one forward and one activation-only
 backward of the twin, plus one weight-gradient product per layer — about BP plus a forward pass.

@@ -19,8 +19,8 @@ through public PyTorch mechanisms — never by patching private APIs or swapping
 objects inside ``forward``):
 
 * **Feedback alignment (fa)**: ``attach`` registers a fixed random feedback matrix B per layer as a
-  buffer and routes each Linear/Conv2d through a custom ``autograd.Function`` whose backward uses
-  B instead of Wᵀ for the input gradient; ``backward`` is then plain autograd, like ``bp``.
+  buffer and routes each layer (any layer kind) through a custom ``autograd.Function`` whose
+  backward uses B instead of Wᵀ for the input gradient; ``backward`` is then plain autograd.
 * **Direct feedback alignment (dfa)**: ``attach`` adds per-layer feedback buffers and hooks that
   inject Bₗ·e (e = output error) as the gradient of each hidden block's output; the error comes
   from a hook on the model output, so any block type may sit between feedback points.

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .. import layers as L
 from ..errors import UserError
-from ..layers.runtime import call_order, mark_attached, release, rule_layers
+from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
 from .base import LearningRule, StepOutput, register_rule
 
 FEEDBACK_INITS = ("uniform", "gaussian", "sign-symmetric", "weight")
@@ -218,21 +218,23 @@ class FeedbackAlignment(_FeedbackRule):
                     tuple(w.shape), fan_in, self.feedback_init, self.feedback_scale, generator, w
                 )
                 module.register_buffer(self.buffer_name, b)
-            self._handles.append(module.register_forward_pre_hook(self._cut_input))
+            self._handles.append(
+                module.register_forward_pre_hook(self._cut_input, with_kwargs=True)
+            )
             self._handles.append(module.register_forward_hook(self._route))
         if self.straight_through:
             for module in model.modules():
                 if isinstance(module, ELEMENTWISE):
                     self._handles.append(module.register_forward_hook(self._straight_through))
 
-    def _cut_input(self, module: nn.Module, args: tuple) -> tuple | None:
+    def _cut_input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         """Pre-hook: give the layer a detached input and remember the original."""
-        x = args[0] if args else None
+        x, rebuild = layer_input(args, kwargs)
         if not self.active or not isinstance(x, Tensor) or not x.requires_grad:
             self._inputs.setdefault(id(module), []).append(None)
             return None
         self._inputs.setdefault(id(module), []).append(x)
-        return (x.detach(), *args[1:])
+        return rebuild(x.detach())
 
     def _pop_input(self, module: nn.Module) -> Tensor | None:
         stack = self._inputs.get(id(module))
@@ -345,15 +347,17 @@ class DirectFeedbackAlignment(_FeedbackRule):
                 if isinstance(h, Tensor) and h.requires_grad:
                     self._feedback_for(module, h.shape, out[0].shape)
         for _, module in self.points:
-            self._handles.append(module.register_forward_pre_hook(self._cut_hidden))
+            self._handles.append(
+                module.register_forward_pre_hook(self._cut_hidden, with_kwargs=True)
+            )
 
-    def _cut_hidden(self, module: nn.Module, args: tuple) -> tuple | None:
+    def _cut_hidden(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         """Pre-hook: record the layer's input (where B e is injected) and detach it."""
-        x = args[0] if args else None
+        x, rebuild = layer_input(args, kwargs)
         if not self.active or not isinstance(x, Tensor) or not x.requires_grad:
             return None
         self._hidden.append((module, x))
-        return (x.detach(), *args[1:])
+        return rebuild(x.detach())
 
     def _feedback_for(
         self, module: nn.Module, hidden: torch.Size, output: torch.Size
