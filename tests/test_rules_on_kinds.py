@@ -472,3 +472,43 @@ def test_straight_through_fa_straightens_activations_only():
     d1 = d2 @ l2.weight  # Tanh's is 1
     torch.testing.assert_close(got["2.weight"], d2.T @ h1)
     torch.testing.assert_close(got["0.weight"], d1.T @ x)
+
+
+class DictOut(nn.Module):
+    """A model whose forward returns a dict (as Hugging Face models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Shared()
+
+    def forward(self, x):
+        return {"logits": self.body(x), "hidden": x}
+
+
+class SelectingLoss(Loss):
+    """Loss with an output selector (``Loss.select``; the real one lands with issue 16)."""
+
+    def select(self, raw):
+        return raw["logits"] if isinstance(raw, dict) else raw
+
+
+@pytest.mark.parametrize("rule_name", ["fa", "dfa", "align-zero", "align-ada", "align-prop",
+                                       "last-layer"])  # fmt: skip
+def test_rules_take_the_output_the_loss_selects(rule_name):
+    torch.manual_seed(0)
+    model = DictOut().double()
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss = SelectingLoss()
+    model.zero_grad(set_to_none=True)
+    loss(loss.select(model(x)), y).backward()
+    expected = grads(model)
+    options = {"feedback_init": "weight"} if rule_name == "fa" else {}
+    rule = get_rule(rule_name, **options)
+    rule.attach(model, loss, torch.Generator().manual_seed(0), example=x)
+    model.zero_grad(set_to_none=True)
+    step = rule.backward(model, x, y)
+    got = grads(model)
+    assert step.output.shape == (6, 3)
+    torch.testing.assert_close(step.loss, loss(expected_out := loss.select(model(x)), y).detach())
+    assert expected_out.shape == (6, 3)
+    torch.testing.assert_close(got["body.head.weight"], expected["body.head.weight"])
