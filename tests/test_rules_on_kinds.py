@@ -512,3 +512,28 @@ def test_rules_take_the_output_the_loss_selects(rule_name):
     torch.testing.assert_close(step.loss, loss(expected_out := loss.select(model(x)), y).detach())
     assert expected_out.shape == (6, 3)
     torch.testing.assert_close(got["body.head.weight"], expected["body.head.weight"])
+
+
+def test_last_layer_tied_to_an_embedding_gets_its_readout_gradient_only():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mid = nn.Embedding(7, 5), nn.Linear(5, 5)
+            self.head = nn.Linear(5, 7, bias=False)
+            self.head.weight = self.emb.weight  # GPT-2's lm_head
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.mid(self.emb(x)))).mean(1)
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    x, y = torch.randint(0, 7, (4, 3)), torch.randint(0, 7, (4,))
+    rule = get_rule("last-layer")
+    rule.attach(model, Loss(), example=x)
+    got = rule_grads(rule, model, x, y)
+    assert set(got) == {"emb.weight"}
+    with torch.no_grad():
+        h = torch.tanh(model.mid(model.emb(x)))
+        out = model(x)
+    e = (torch.softmax(out, 1) - F.one_hot(y, 7)) / 4  # at the mean over positions
+    torch.testing.assert_close(got["emb.weight"], torch.einsum("bv,btf->vf", e / 3, h))

@@ -74,7 +74,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import layers as L
 from ..errors import UserError
-from ..layers.runtime import call_order, mark_attached, release, rule_layers
+from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
 from ..nn import capturing
 from .base import LearningRule, StepOutput, accumulate_grad, register_rule
 from .feedback import FeedbackAlignment, select_output
@@ -476,10 +476,11 @@ class LastLayer(LearningRule):
 
     The readout is the layer called last in a forward pass (found with the example batch at
     attach, or on the first step), whatever the order of definition in ``__init__``; or the
-    layer named by ``readout`` (a name from ``model.named_modules()``). Only the readout's
-    parameters get a ``.grad`` (one ``autograd.grad`` for them, which runs the backward no
-    further than the readout); every other parameter — layers, embeddings, norms — keeps
-    ``grad = None`` and the optimizer skips it.
+    layer named by ``readout`` (a name from ``model.named_modules()``). A forward pre-hook hands
+    the readout a detached input and only the readout's parameters get a ``.grad`` (one
+    ``autograd.grad`` for them); every other parameter — layers, embeddings, norms — keeps
+    ``grad = None`` and the optimizer skips it. A readout tied to an embedding (GPT-2's
+    ``lm_head``) gets the gradient of its use as the readout only.
     """
 
     def __init__(self, readout: str | None = None) -> None:
@@ -487,6 +488,8 @@ class LastLayer(LearningRule):
         self.readout_name = readout
         self.readout: nn.Module | None = None
         self.points: list[tuple[str, nn.Module]] = []
+        self._handle: Any = None
+        self.active = True
 
     def attach(
         self,
@@ -517,10 +520,27 @@ class LastLayer(LearningRule):
 
     def _set_readout(self, module: nn.Module) -> None:
         self.readout = module
+        self._handle = module.register_forward_pre_hook(self._cut, with_kwargs=True)
+
+    def _cut(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        x, rebuild = layer_input(args, kwargs)
+        if not self.active or not isinstance(x, Tensor):
+            return None
+        return rebuild(x.detach())
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        previous, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = previous
 
     def detach(self) -> None:
         release([m for _, m in self.points])
-        self.readout, self.points = None, []
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle, self.readout, self.points = None, None, []
         super().detach()
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
