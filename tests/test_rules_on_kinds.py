@@ -537,3 +537,12 @@ def test_last_layer_tied_to_an_embedding_gets_its_readout_gradient_only():
         out = model(x)
     e = (torch.softmax(out, 1) - F.one_hot(y, 7)) / 4  # at the mean over positions
     torch.testing.assert_close(got["emb.weight"], torch.einsum("bv,btf->vf", e / 3, h))
+
+
+def test_last_layer_readout_option_from_the_cli(tiny, capsys):
+    from conftest import cli_flags
+    from decorrelate.cli import main
+
+    opts = {**tiny, "rule": "last-layer", "epochs": 1}
+    assert main(["train", *cli_flags({**opts, "readout": "nope"}), "--quiet", "--no-progress"]) == 2
+    assert "readout 'nope' is not a layer of the model" in capsys.readouterr().err

@@ -485,11 +485,15 @@ class LastLayer(LearningRule):
 
     def __init__(self, readout: str | None = None) -> None:
         super().__init__()
-        self.readout_name = readout
+        self.readout_name = readout or None
         self.readout: nn.Module | None = None
         self.points: list[tuple[str, nn.Module]] = []
         self._handle: Any = None
         self.active = True
+
+    @classmethod
+    def from_config(cls, config: Any) -> LastLayer:
+        return cls(readout=getattr(config, "readout", "") or None)
 
     def attach(
         self,
