@@ -296,11 +296,38 @@ def test_twin_is_frozen_and_batchnorm_statistics_stay_put():
     assert rule.diagnostics()["weight_change/1"] > 0
 
 
-def test_align_rules_refuse_affine_batchnorm():
+@pytest.mark.parametrize("name", ["align-zero", "align-ada"])
+@pytest.mark.parametrize("norm", ["batchnorm", "layernorm"])
+def test_align_rules_train_norm_affine_parameters_as_layers(name, norm):
+    """γ, β of a norm are a layer (a = γ⊙x̂ + β): at initialisation the update is BP's."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
-    with pytest.raises(UserError, match="affine=False"):
-        get_rule("align-zero").attach(model, Loss())
+    layer = nn.BatchNorm1d(6) if norm == "batchnorm" else nn.LayerNorm(6)
+    model = nn.Sequential(nn.Linear(4, 6), layer, nn.Tanh(), nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))
+    expected = bp_grads(model, Loss(), x, y)
+    rule = get_rule(name)
+    rule.attach(model, Loss())
+    got = rule_grads(rule, model, x, y)
+    assert got.keys() == expected.keys() and "1.weight" in got
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-10, atol=1e-13)
+
+
+def test_align_rules_refuse_parameters_outside_every_layer():
+    class WithOffset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.offset = nn.Parameter(torch.zeros(4))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(x + self.offset)
+
+    with pytest.raises(UserError, match="offset is a parameter outside every layer"):
+        get_rule("align-zero").attach(WithOffset(), Loss())
 
 
 def test_align_prop_keeps_initial_weights_as_feedback():

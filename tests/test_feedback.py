@@ -211,11 +211,27 @@ def test_update_angles_name_decorrelated_layers_like_plain_ones():
     assert all(v == pytest.approx(0.0, abs=1e-4) for v in angles.values())
 
 
-def test_unsupported_layers_are_refused():
-    with pytest.raises(UserError, match="Conv1d"):
-        get_rule("fa").attach(nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten()), Loss())
-    with pytest.raises(UserError, match="groups=1"):
-        get_rule("fa").attach(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), Loss())
+class _Scale(nn.Module):
+    """A parameterised module no layer kind covers."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+@pytest.mark.parametrize(
+    "name", ["fa", "dfa", "align-zero", "align-ada", "align-prop", "last-layer"]
+)
+def test_unsupported_layers_are_refused(name):
+    model = nn.Sequential(nn.Linear(4, 3), _Scale(), nn.Linear(3, 2))
+    with pytest.raises(UserError, match="1 is a _Scale with parameters"):
+        get_rule(name).attach(model, Loss())
+
+
+def test_bad_feedback_options_are_refused():
     with pytest.raises(UserError, match="needs B shaped like W"):
         get_rule("dfa", feedback_init="weight").attach(mlp(), Loss())
     with pytest.raises(UserError, match="unknown feedback init"):

@@ -397,6 +397,13 @@ class TrainConfig:
         choices=("real", "twin"),
         group="rule",
     )
+    readout: str = opt(
+        "",
+        "last-layer: the layer to train, a name from model.named_modules() (default: the layer "
+        "called last in the forward pass)",
+        "str",
+        group="rule",
+    )
     alignment_every: int = opt(
         0,
         "every N steps log the angle between each layer's update and the BP gradient (0: off)",

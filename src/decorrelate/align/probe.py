@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..layers import inner_layer, kind_of, weight_of
 from ..metrics import ConvGeometry, alignment_scores
 from ..rules.align import AlignZero
 from ..rules.base import LearningRule, StepOutput
-from ..rules.layers import inner_layer
 
 
 class AlignmentProbe(LearningRule):
@@ -56,7 +56,7 @@ class AlignmentProbe(LearningRule):
         super().attach(model, loss, generator)
         self.zero.attach(model, self.loss, None)
         self._layers = {name: inner_layer(m) for name, m in self.zero.points}
-        self.initial = {n: layer.weight.detach().clone() for n, layer in self._layers.items()}
+        self.initial = {n: weight_of(layer).detach().clone() for n, layer in self._layers.items()}
         self.predicted = {n: torch.zeros_like(w) for n, w in self.initial.items()}
         self._handles = [
             module.register_forward_pre_hook(self._size_hook(name))
@@ -96,11 +96,19 @@ class AlignmentProbe(LearningRule):
         return StepOutput(loss.detach(), output.detach())
 
     def changes(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{layer: (ΔW of BP so far, ΔŴ predicted by align-zero)}`` (both as descent steps)."""
-        return {
-            name: (layer.weight.detach() - self.initial[name], -self.predicted[name])
-            for name, layer in self._layers.items()
-        }
+        """``{layer: (ΔW of BP so far, ΔŴ predicted by align-zero)}`` (both as descent steps).
+
+        Conv2d kernels as they are (scored as operators); every other layer as its [out, in]
+        matrix (:meth:`~decorrelate.layers.LayerKind.as_matrix`: Conv1d/3d kernels flattened).
+        """
+        out = {}
+        for name, layer in self._layers.items():
+            dw, dw_hat = weight_of(layer).detach() - self.initial[name], -self.predicted[name]
+            if not isinstance(layer, nn.Conv2d):  # as [out, in]: HF Conv1D's is stored [in, out]
+                kind = kind_of(layer)
+                dw, dw_hat = kind.as_matrix(layer, dw), kind.as_matrix(layer, dw_hat)
+            out[name] = (dw, dw_hat)
+        return out
 
     def diagnostics(self) -> dict[str, float]:
         """``align_score/``, ``align_score_shuffled/`` and, for convs, ``align_score_kernel/``."""

@@ -32,8 +32,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..losses import Loss
-from ..rules.base import LearningRule, StepOutput, register_rule
-from ..rules.layers import accumulate_grad
+from ..rules.base import LearningRule, StepOutput, accumulate_grad, register_rule
 from .gradients import (
     euclidean_gradient,
     linearized_g_update,

@@ -58,6 +58,9 @@ def decorrelate(
     )
     if not isinstance(model, nn.Module):
         raise UserError(f"decorrelate() needs an nn.Module, got {type(model).__name__}")
+    from ..layers.runtime import check_not_attached  # a rule's hooks would miss the wrappers
+
+    check_not_attached(model)
     excluded = {exclude} if isinstance(exclude, str) else set(exclude)
     if decorrelators(model):
         raise UserError("the model is already decorrelated; convert a fresh model instead")

@@ -21,19 +21,31 @@ Batch norm. Where a layer's output goes straight into batch norm, align-ada by d
 the twin's δ at the norm's output and carries it to the layer through the *real* network's
 batch norm (its current batch statistics), as the authors' code does; ``bn_mixing="twin"``
 (``--align-bn-mixing twin``) takes δ at the layer's output instead, through the twin's norm.
-See :class:`AlignAda`. align-zero uses the twin throughout (no choice to make).
+See :class:`AlignAda`. align-zero uses the twin throughout (no choice to make). Other norms
+(LayerNorm, GroupNorm, RMSNorm) are not mixed: δ is taken at the layer's output, through the
+twin's norm.
+
+Which layers. Every layer :func:`decorrelate.layers.find_layers` lists (Linear and subclasses,
+Conv1d/2d/3d with any stride, dilation, padding mode and groups, Hugging Face ``Conv1D``,
+``nn.Embedding``, decorrelated wrappers, registered kinds) and the affine parameters of
+normalisation layers, which are a layer a = γ ⊙ x̂ + β whose presynaptic activity is the
+normalised input x̂: ΔW = Σ δ_{l,0} ⊙ x̂ with x̂ from the twin (zero) or the network (ada), each
+with its own batch statistics. An embedding's presynaptic activity is its (one-hot) index,
+the same in the twin and the network: both rules scatter δ_{l,0} into the rows it looked up.
+A trainable parameter outside every layer (a positional embedding held by a container) is
+refused with one error.
 
 How the twin rules work (one vectorised pass each, no per-sample loops):
 
-1. the real network runs forward without an autograd graph; forward hooks on every layer (each
-   ``nn.Linear`` / ``nn.Conv2d`` or decorrelated wrapper of one) record its input when ``ada``
-   needs it; e = ∂L/∂output is taken on the detached output;
+1. the real network runs forward without an autograd graph; forward hooks on every layer
+   record its input when ``ada`` needs it; e = ∂L/∂output is taken on the detached output;
 2. the twin runs forward *with* a graph; the same hooks record each layer's input a_{l−1,0} and
    output h_{l,0} (made a graph leaf where nothing upstream requires grad);
 3. one ``torch.autograd.grad(twin_output, [h_l...], grad_outputs=e)`` gives every δ_{l,0}
    (for align-ada's default batch-norm mixing, at the norm's output, then through the real
    network's norm by :func:`norm_vjp`);
-4. ΔW_l = δ_{l,0} aᵀ (a matmul, or ``conv2d_weight`` for convolutions), Δb_l = Σ δ_{l,0};
+4. ΔW_l = δ_{l,0} aᵀ (the layer kind's :meth:`~decorrelate.layers.LayerKind.weight_grad`:
+   a matmul, ``conv*d_weight`` for convolutions, an index-add for embeddings), Δb_l = Σ δ_{l,0};
    these are written into the real network's ``.grad``.
 
 A layer called several times per forward — the recurrent weights of an RNN unrolled in time —
@@ -41,8 +53,8 @@ is recorded at every call, and the sum over calls is back-propagation through ti
 twin along *its own* trajectory. The twin is a deep copy of the model taken in :meth:`attach`:
 its parameters do not require grad, its batch-norm running statistics are frozen (momentum 0),
 its decorrelators never update, and its weights are part of :meth:`state_dict` so a checkpoint
-resumes exactly. Batch norm is allowed only without affine parameters (as in the paper): every
-trainable parameter must belong to a rule layer.
+resumes exactly. (The paper's batch norm has no affine parameters; with them, γ and β are
+trained as layers, above.)
 
 Cost: one forward of the real network without a graph, one forward and one activation-only
 backward of the twin, plus one weight-gradient product per layer — about BP plus a forward pass.
@@ -60,11 +72,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import layers as L
 from ..errors import UserError
+from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
 from ..nn import capturing
-from .base import LearningRule, StepOutput, register_rule
+from .base import LearningRule, StepOutput, accumulate_grad, register_rule
 from .feedback import FeedbackAlignment
-from .layers import accumulate_grad, inner_layer, local_weight_grad, trainable_layers
 
 # ----------------------------------------------------------------------------- recording
 
@@ -153,13 +166,14 @@ def norm_vjp(norm: nn.Module, x: Tensor, grad: Tensor) -> Tensor:
 
 
 def check_align_model(model: nn.Module, points: list[tuple[str, nn.Module]]) -> None:
-    """Every trainable parameter must sit in a rule layer (batch norm without affine params)."""
+    """Every trainable parameter must sit in a rule layer (a layer kind or a norm's affine)."""
     owned = {id(p) for _, m in points for p in m.parameters()}
     extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
     if extra:
         raise UserError(
-            f"align rules train only Linear/Conv2d layers; {extra[0]} is another trainable "
-            "parameter (use batch norm with affine=False, as in the Align paper)"
+            f"align rules train only layers (decorrelate.layers.find_layers, normalisation "
+            f"affine parameters included); {extra[0]} is a parameter outside every layer "
+            "(freeze it, or train the model with rule bp)"
         )
 
 
@@ -193,8 +207,9 @@ class _TwinAlign(LearningRule):
     ) -> None:
         """Take the twin: a frozen deep copy of ``model`` as it is now (its initialisation)."""
         super().attach(model, loss, generator)
-        self.points = trainable_layers(model)
+        self.points = rule_layers(model, norms=True)
         check_align_model(model, self.points)
+        mark_attached(self.name, [m for _, m in self.points])
         self.twin = make_twin(model)
         twin_modules = dict(self.twin.named_modules())
         self.twin_points = [twin_modules[name] for name, _ in self.points]
@@ -208,6 +223,7 @@ class _TwinAlign(LearningRule):
             )
 
     def detach(self) -> None:
+        release([m for _, m in self.points])
         for recorder in (self._real, self._twin):
             if recorder is not None:
                 recorder.remove()
@@ -275,10 +291,9 @@ class _TwinAlign(LearningRule):
                 continue
             if self._real is not None and self.bn_mixing == "real":
                 ds = self._through_real_norms(name, i, ds)
-            layer = inner_layer(module)
             owner = module if self.presynaptic == "current" else self.twin_points[i]
-            gw, gb = local_weight_grad(owner, inputs, ds)  # decorrelated: through R's owner
-            updates.append((layer, gw.reshape(layer.weight.shape), gb))
+            gw, gb = L.weight_grad(owner, inputs, ds)  # decorrelated: through R's owner
+            updates.append((L.inner_layer(module), gw, gb))
         return updates
 
     def _through_real_norms(self, name: str, index: int, deltas: list[Tensor]) -> list[Tensor]:
@@ -314,8 +329,9 @@ class _TwinAlign(LearningRule):
         output, loss, error = self.output_error(model, x, y)
         try:
             for layer, gw, gb in self.layer_updates(self.twin_deltas(x, error)):
-                accumulate_grad(layer.weight, gw)
-                accumulate_grad(layer.bias, gb)
+                accumulate_grad(L.weight_of(layer), gw)
+                if gb is not None:
+                    accumulate_grad(L.bias_of(layer), gb)
         finally:
             for recorder in (self._real, self._twin):
                 if recorder is not None:
@@ -326,7 +342,7 @@ class _TwinAlign(LearningRule):
         """``weight_change/<layer>``: ‖W_t − W_0‖ / ‖W_0‖ (how far from the lazy regime)."""
         out = {}
         for (name, module), twin_module in zip(self.points, self.twin_points, strict=True):
-            w, w0 = inner_layer(module).weight.detach(), inner_layer(twin_module).weight.detach()
+            w, w0 = L.weight_of(module).detach(), L.weight_of(twin_module).detach()
             out[f"weight_change/{name}"] = float(
                 torch.linalg.vector_norm((w - w0).double())
                 / torch.linalg.vector_norm(w0.double()).clamp_min(1e-30)
@@ -444,7 +460,7 @@ class AlignProp(FeedbackAlignment):
     ) -> None:
         super().attach(model, loss, generator, example)
         for _, module in self.points:
-            w0 = inner_layer(module).weight.detach().clone()
+            w0 = L.weight_of(module).detach().clone()
             module.register_buffer(self.buffer_name, w0)
 
     def feedback(self, module: nn.Module) -> Tensor:
@@ -456,17 +472,28 @@ class AlignProp(FeedbackAlignment):
 
 @register_rule("last-layer")
 class LastLayer(LearningRule):
-    """Train only the readout (the last Linear/Conv2d in module order) with its true gradient.
+    """Train only the readout with its true gradient; every other layer stays at its initial value.
 
-    A forward pre-hook hands the readout a detached input, so ``loss.backward()`` fills only the
-    readout's ``.grad``; every other parameter keeps ``grad = None`` and the optimizer skips it.
+    The readout is the layer called last in a forward pass (found with the example batch at
+    attach, or on the first step), whatever the order of definition in ``__init__``; or the
+    layer named by ``readout`` (a name from ``model.named_modules()``). A forward pre-hook hands
+    the readout a detached input and only the readout's parameters get a ``.grad`` (one
+    ``autograd.grad`` for them); every other parameter — layers, embeddings, norms — keeps
+    ``grad = None`` and the optimizer skips it. A readout tied to an embedding (GPT-2's
+    ``lm_head``) gets the gradient of its use as the readout only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, readout: str | None = None) -> None:
         super().__init__()
+        self.readout_name = readout or None
         self.readout: nn.Module | None = None
+        self.points: list[tuple[str, nn.Module]] = []
         self._handle: Any = None
         self.active = True
+
+    @classmethod
+    def from_config(cls, config: Any) -> LastLayer:
+        return cls(readout=getattr(config, "readout", "") or None)
 
     def attach(
         self,
@@ -476,13 +503,34 @@ class LastLayer(LearningRule):
         example: Tensor | None = None,
     ) -> None:
         super().attach(model, loss, generator)
-        self.readout = trainable_layers(model)[-1][1]
-        self._handle = self.readout.register_forward_pre_hook(self._cut)
+        self.points = rule_layers(model)
+        mark_attached(self.name, [m for _, m in self.points])
+        if self.readout_name is not None:
+            named = dict(self.points)
+            if self.readout_name not in named:
+                raise UserError(
+                    f"readout {self.readout_name!r} is not a layer of the model; the layers are: "
+                    f"{', '.join(repr(n) for n in named)}"
+                )
+            self._set_readout(named[self.readout_name])
+        elif example is not None:
+            self._find_readout(model, example)
 
-    def _cut(self, module: nn.Module, args: tuple) -> tuple | None:
-        if not self.active or not isinstance(args[0], Tensor):
+    def _find_readout(self, model: nn.Module, example: Tensor) -> None:
+        calls = call_order(model, [m for _, m in self.points], example)
+        if not calls:
+            raise UserError("no layer of the model ran in a forward pass; cannot find the readout")
+        self._set_readout(calls[-1][0])
+
+    def _set_readout(self, module: nn.Module) -> None:
+        self.readout = module
+        self._handle = module.register_forward_pre_hook(self._cut, with_kwargs=True)
+
+    def _cut(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        x, rebuild = layer_input(args, kwargs)
+        if not self.active or not isinstance(x, Tensor):
             return None
-        return (args[0].detach(), *args[1:])
+        return rebuild(x.detach())
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
@@ -493,13 +541,19 @@ class LastLayer(LearningRule):
             self.active = previous
 
     def detach(self) -> None:
+        release([m for _, m in self.points])
         if self._handle is not None:
             self._handle.remove()
-        self._handle, self.readout = None, None
+        self._handle, self.readout, self.points = None, None, []
         super().detach()
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        if self.readout is None:
+            self._find_readout(model, x)
         output = self.loss.select(model(x))
         loss = self.loss(output, y)
-        loss.backward()
+        params = [p for p in (L.weight_of(self.readout), L.bias_of(self.readout)) if p is not None]
+        params = [p for p in params if p.requires_grad]
+        for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+            accumulate_grad(p, g)
         return StepOutput(loss.detach(), output.detach())

@@ -19,8 +19,8 @@ through public PyTorch mechanisms — never by patching private APIs or swapping
 objects inside ``forward``):
 
 * **Feedback alignment (fa)**: ``attach`` registers a fixed random feedback matrix B per layer as a
-  buffer and routes each Linear/Conv2d through a custom ``autograd.Function`` whose backward uses
-  B instead of Wᵀ for the input gradient; ``backward`` is then plain autograd, like ``bp``.
+  buffer and routes each layer (any layer kind) through a custom ``autograd.Function`` whose
+  backward uses B instead of Wᵀ for the input gradient; ``backward`` is then plain autograd.
 * **Direct feedback alignment (dfa)**: ``attach`` adds per-layer feedback buffers and hooks that
   inject Bₗ·e (e = output error) as the gradient of each hidden block's output; the error comes
   from a hook on the model output, so any block type may sit between feedback points.
@@ -191,3 +191,14 @@ def rule_class(name: str) -> type[LearningRule]:
 def get_rule(name: str, **options: Any) -> LearningRule:
     """Instantiate the rule registered as ``name`` with keyword options."""
     return rule_class(name)(**options)
+
+
+def accumulate_grad(param: Tensor | None, grad: Tensor) -> None:
+    """Add a hand-computed update into ``param.grad`` (rules that write ``.grad`` themselves).
+
+    Skips missing and frozen parameters; casts and reshapes to the parameter.
+    """
+    if param is None or not param.requires_grad:
+        return
+    grad = grad.to(param.dtype).reshape(param.shape)
+    param.grad = grad if param.grad is None else param.grad + grad

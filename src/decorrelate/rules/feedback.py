@@ -2,20 +2,33 @@
 
 Both keep the forward pass and the weight-gradient formula of backprop (ΔW = δ zᵀ) and change
 only how the error reaches earlier layers. They prepare the model once, with public mechanisms
-only — a forward pre-hook and a forward hook on every feedback point (``nn.Linear``, ``nn.Conv2d``
-or a decorrelated wrapper of one) and a custom ``autograd.Function`` — and then ``backward`` is a
-single ordinary autograd call:
+only — a forward pre-hook and a forward hook on every layer :func:`decorrelate.layers.find_layers`
+lists (any :class:`~decorrelate.layers.LayerKind`: Linear and subclasses, Conv1d/2d/3d with any
+stride, dilation, padding mode and groups, Hugging Face ``Conv1D``, a decorrelated wrapper of
+one, a registered kind) and a custom ``autograd.Function`` — and then ``backward`` is a single
+ordinary autograd call:
 
 * the pre-hook hands the layer a *detached* copy of its input, so autograd computes the layer's
   own weight gradient exactly as in BP but sends nothing to the input through Wᵀ;
 * ``fa``: the forward hook wraps the output in :class:`_RouteError`, an identity whose backward
   sends the error δ to the (undetached) input through the fixed feedback matrix B instead:
-  δ_in = Bᵀ δ for Linear, the transposed convolution with kernel B for Conv2d. In a decorrelated
-  layer (a = W R x) the error goes back through Rᵀ as well: B is folded with R, as in paper 1.
+  δ_in = Bᵀ δ, i.e. the layer kind's :meth:`~decorrelate.layers.LayerKind.input_grad` with B in
+  place of W (the transposed convolution with kernel B for a convolution). B is shaped like the
+  weight Parameter (for ``Conv1D``, stored [in, out]). In a decorrelated layer (a = W R x) the
+  error goes back through Rᵀ as well: B is folded with R, as in paper 1.
 * ``dfa``: nothing flows between layers; the output error e = ∂L/∂y is projected straight to the
-  input of every layer after the first through its own fixed matrix (B_l e), and autograd carries
-  it from there through whatever sits in between (activation, pooling, flatten) to the previous
-  layer's weights: δ_l = f′(a_l) ⊙ B_l e.
+  input of every layer whose input carries a gradient, through its own fixed matrix (B_l e), and
+  autograd carries it from there through whatever sits in between (activation, pooling, flatten,
+  normalisation) to the previous layer's weights: δ_l = f′(a_l) ⊙ B_l e. See
+  :class:`DirectFeedbackAlignment` for sequences.
+
+Layers without an error to pass on. An ``nn.Embedding``'s input is an index: it sends nothing
+back, and both rules train it with its local gradient δ at its output scattered into the rows
+it looked up (what BP does given that δ). Normalisation layers (BatchNorm, LayerNorm, GroupNorm,
+RMSNorm) and any other parameter-free module between layers keep their own Jacobian in the
+backward pass, and their affine parameters their local gradient from the error that reaches
+them. A layer called several times in one forward (a shared cell unrolled in time) routes every
+call: each call's input is kept on a per-layer stack between its pre-hook and its hook.
 
 Feedback matrices are buffers of the layer modules (``fa_feedback`` / ``dfa_feedback``): saved in
 checkpoints, never optimised, drawn from the rule's seeded generator.
@@ -34,10 +47,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import layers as L
 from ..errors import UserError
-from ..nn import Decorrelator
+from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
 from .base import LearningRule, StepOutput, register_rule
-from .layers import conv_padding, fold_r, inner_layer, trainable_layers
 
 FEEDBACK_INITS = ("uniform", "gaussian", "sign-symmetric", "weight")
 """How B is drawn. ``uniform``: U(−s, s) with s = scale/√fan_in, like PyTorch's default forward
@@ -45,7 +58,9 @@ init; ``gaussian``: N(0, scale²/fan_in); ``sign-symmetric``: sign(W)·|B₀| wi
 sign follows the current W, the magnitude is fixed); ``weight``: B = W, the current forward
 weights — FA then *is* BP (a sanity check and a test oracle)."""
 
-#: Elementwise activations whose derivative the straight-through option replaces by 1.
+#: Elementwise activations whose derivative the straight-through option replaces by 1. Every
+#: other module (pooling, reshaping, dropout, normalisation, softmax, a user's own) keeps its
+#: derivative, as do activations applied functionally in a ``forward`` (``F.relu``).
 ELEMENTWISE = (
     nn.ReLU,
     nn.LeakyReLU,
@@ -55,9 +70,16 @@ ELEMENTWISE = (
     nn.GELU,
     nn.SiLU,
     nn.Softplus,
-    nn.Identity,
     nn.Hardtanh,
     nn.ReLU6,
+    nn.Mish,
+    nn.SELU,
+    nn.CELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LogSigmoid,
+    nn.Softsign,
+    nn.Tanhshrink,
 )
 
 
@@ -116,6 +138,11 @@ class _FeedbackRule(LearningRule):
     def from_config(cls, config: Any) -> _FeedbackRule:
         return cls(feedback_init=config.feedback_init, feedback_scale=config.feedback_scale)
 
+    def _find_points(self, model: nn.Module) -> None:
+        """Every layer that passes an error to its input (embeddings keep their local grad)."""
+        self.points = [(n, m) for n, m in rule_layers(model) if L.kind_of(m).has_input_grad]
+        mark_attached(self.name, [m for _, m in self.points])
+
     @contextmanager
     def suspended(self) -> Iterator[None]:
         """Within the block the model computes plain BP gradients (hooks pass through)."""
@@ -128,6 +155,7 @@ class _FeedbackRule(LearningRule):
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
+        release([m for _, m in self.points])
         for _, module in self.points:
             if self.buffer_name in module._buffers:
                 delattr(module, self.buffer_name)
@@ -176,42 +204,32 @@ class FeedbackAlignment(_FeedbackRule):
         example: Tensor | None = None,
     ) -> None:
         super().attach(model, loss, generator)
-        self.points = trainable_layers(model)
+        self._find_points(model)
         for _, module in self.points:
-            layer = inner_layer(module)
             if self.feedback_init != "weight":
-                w = layer.weight
-                fan_in = w[0].numel()
-                module.register_buffer(
-                    self.buffer_name,
-                    _draw(
-                        tuple(w.shape),
-                        fan_in,
-                        self.feedback_init,
-                        self.feedback_scale,
-                        generator,
-                        w.detach(),
-                    ),
+                w = L.weight_of(module).detach()
+                fan_in = L.kind_of(module).fan_in(L.inner_layer(module))
+                b = _draw(
+                    tuple(w.shape), fan_in, self.feedback_init, self.feedback_scale, generator, w
                 )
-            self._handles.append(module.register_forward_pre_hook(self._cut_input))
+                module.register_buffer(self.buffer_name, b)
+            self._handles.append(
+                module.register_forward_pre_hook(self._cut_input, with_kwargs=True)
+            )
             self._handles.append(module.register_forward_hook(self._route))
         if self.straight_through:
-            for name, module in model.named_modules():
-                if isinstance(module, ELEMENTWISE) and not isinstance(module, nn.Identity):
+            for module in model.modules():
+                if isinstance(module, ELEMENTWISE):
                     self._handles.append(module.register_forward_hook(self._straight_through))
-                elif isinstance(module, nn.Module) and name and _is_unknown_nonlinearity(module):
-                    raise UserError(
-                        f"straight-through FA cannot handle {name} ({type(module).__name__})"
-                    )
 
-    def _cut_input(self, module: nn.Module, args: tuple) -> tuple | None:
+    def _cut_input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         """Pre-hook: give the layer a detached input and remember the original."""
-        x = args[0]
+        x, rebuild = layer_input(args, kwargs)
         if not self.active or not isinstance(x, Tensor) or not x.requires_grad:
             self._inputs.setdefault(id(module), []).append(None)
             return None
         self._inputs.setdefault(id(module), []).append(x)
-        return (x.detach(), *args[1:])
+        return rebuild(x.detach())
 
     def _pop_input(self, module: nn.Module) -> Tensor | None:
         stack = self._inputs.get(id(module))
@@ -219,39 +237,20 @@ class FeedbackAlignment(_FeedbackRule):
 
     def feedback(self, module: nn.Module) -> Tensor:
         """The current B of a feedback point, shaped like its weight (before folding with R)."""
-        w = inner_layer(module).weight
+        w = L.weight_of(module).detach()
         if self.feedback_init == "weight":
-            return w.detach()
+            return w
         b = getattr(module, self.buffer_name)
-        return torch.sign(w.detach()) * b.abs() if self.feedback_init == "sign-symmetric" else b
+        return torch.sign(w) * b.abs() if self.feedback_init == "sign-symmetric" else b
 
     def _route(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
         x = self._pop_input(module)
         if x is None:
             return None
-        layer = inner_layer(module)
-        if isinstance(layer, nn.Conv2d):
-            b = fold_r(module, self.feedback(module))  # a small kernel-sized product
-            shape = x.shape
+        b, x_in = self.feedback(module), x.detach()
 
-            def send(delta: Tensor) -> Tensor:
-                return torch.nn.grad.conv2d_input(
-                    shape,
-                    b.to(delta.dtype),
-                    delta,
-                    stride=layer.stride,
-                    padding=conv_padding(layer),
-                    dilation=layer.dilation,
-                    groups=layer.groups,
-                )
-        else:
-            b = self.feedback(module)
-            decorrelated = hasattr(module, "pull_back")
-
-            def send(delta: Tensor) -> Tensor:
-                # (δ B) R rather than δ (B R): rows·out·d + rows·d² instead of out·d² per step.
-                back = delta @ b.to(delta.dtype)
-                return module.pull_back(back) if decorrelated else back
+        def send(delta: Tensor) -> Tensor:
+            return L.input_grad(module, delta, x_in, b)  # Bᵀ δ (through Rᵀ when decorrelated)
 
         return _RouteError.apply(out, x, send)
 
@@ -263,41 +262,52 @@ class FeedbackAlignment(_FeedbackRule):
         return out.detach() + (x - x.detach())
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        self._inputs.clear()  # nothing left over from a forward that raised
         output = self.loss.select(model(x))
         loss = self.loss(output, y)
         loss.backward()
         return StepOutput(loss.detach(), output.detach())
 
     def feedback_pairs(self) -> dict[str, tuple[Tensor, Tensor]]:
-        return {name: (inner_layer(m).weight.detach(), self.feedback(m)) for name, m in self.points}
+        return {name: (L.weight_of(m).detach(), self.feedback(m)) for name, m in self.points}
 
 
-def _is_unknown_nonlinearity(module: nn.Module) -> bool:
-    """Parameter-free modules that are neither elementwise activations nor shape/pool ops."""
-    known = (
-        nn.Sequential,
-        nn.Flatten,
-        nn.Unflatten,
-        nn.MaxPool2d,
-        nn.AvgPool2d,
-        nn.AdaptiveAvgPool2d,
-        nn.AdaptiveMaxPool2d,
-        nn.Dropout,
-        nn.Linear,
-        nn.Conv2d,
-        nn.modules.batchnorm._BatchNorm,
-        nn.LayerNorm,
-        nn.GroupNorm,
-        *ELEMENTWISE,
-    )
-    if isinstance(module, Decorrelator):
-        return False
-    return not isinstance(module, known) and not list(module.children())
+def _positions(hidden: tuple[int, ...], output: tuple[int, ...]) -> int:
+    """How many leading dims a hidden activity shares with the output (the batch at least): all
+    but the last dim of each, compared from the front."""
+    k = 0
+    for a, b in zip(hidden[:-1], output[:-1], strict=False):
+        if a != b:
+            break
+        k += 1
+    if k == 0 and hidden[:1] == output[:1]:  # [B, F] against a flat [B] output
+        k = 1
+    if k == 0:
+        raise UserError(
+            f"DFA needs the batch in dim 0 of every layer input and of the output; a layer got "
+            f"{tuple(hidden)} for the output {tuple(output)}"
+        )
+    return k
 
 
 @register_rule("dfa")
 class DirectFeedbackAlignment(_FeedbackRule):
-    """DFA (Nøkland 2016): every layer after the first receives B_l e at its input."""
+    """DFA (Nøkland 2016): every layer whose input carries a gradient receives B_l e there.
+
+    Which layers: every layer call whose input requires grad — so not a first layer fed with
+    data, nor an embedding (its input is an index) — whatever the module order; the readout
+    (the last layer called) gets B_L e at its input like every hidden layer and trains on e
+    itself. Nothing depends on where a layer is defined in ``__init__``.
+
+    Per-position feedback. The output error e and a hidden activity h may share leading dims
+    beyond the batch — token-level outputs [B, T, V] and a Linear's input [B, T, F]. Then B_l
+    acts per position, [F, V]: the error at position t goes to position t,
+    δh[b, t] = B_l e[b, t]. Otherwise (a classifier's [B, V], a conv's [B, C, H, W], one step
+    of an unrolled cell [B, F]) B_l maps the whole flattened error of a sample to the whole
+    flattened activity, [numel(h[0]), numel(e[0])]. The shared dims are those equal from the
+    front in both shapes, the last dim of each aside. A layer called several times uses its one
+    B at every call.
+    """
 
     buffer_name = "dfa_feedback"
 
@@ -308,7 +318,7 @@ class DirectFeedbackAlignment(_FeedbackRule):
         generator: torch.Generator | None = None,
         example: Tensor | None = None,
     ) -> None:
-        """Hook every layer after the first; with ``example`` (one input batch) draw every B now.
+        """Hook every layer; with ``example`` (one input batch) draw every B now.
 
         Without an example the B's are drawn on the first training step, when their shapes are
         known; the training loop always passes one, so checkpoints hold them from the start.
@@ -319,53 +329,52 @@ class DirectFeedbackAlignment(_FeedbackRule):
                 f"feedback init {self.feedback_init!r} needs B shaped like W; DFA's B maps the "
                 "output error to a hidden layer (use uniform or gaussian)"
             )
-        self.points = trainable_layers(model)
+        self._find_points(model)
         self._hidden: list[tuple[nn.Module, Tensor]] = []
-        for _, module in self.points[1:]:
-            self._handles.append(module.register_forward_pre_hook(self._cut_hidden))
         if example is not None:
-            with torch.no_grad(), self.suspended():
-                seen: list[tuple[nn.Module, Tensor]] = []
-                handles = [
-                    m.register_forward_pre_hook(lambda mod, a: seen.append((mod, a[0])))
-                    for _, m in self.points[1:]
-                ]
-                try:
-                    classes = self.loss.select(model(example[:1]))[0].numel()
-                finally:
-                    for h in handles:
-                        h.remove()
+            out: list[Tensor] = []
+            with torch.enable_grad():  # which inputs carry a gradient
+                seen = call_order(
+                    model, [m for _, m in self.points], example,
+                    grad=True, output=lambda o: out.append(self.loss.select(o)),
+                )  # fmt: skip
             for module, h in seen:
-                self._feedback_for(module, h, classes)
+                if isinstance(h, Tensor) and h.requires_grad:
+                    self._feedback_for(module, h.shape, out[0].shape)
+        for _, module in self.points:
+            self._handles.append(
+                module.register_forward_pre_hook(self._cut_hidden, with_kwargs=True)
+            )
 
-    def _cut_hidden(self, module: nn.Module, args: tuple) -> tuple | None:
+    def _cut_hidden(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         """Pre-hook: record the layer's input (where B e is injected) and detach it."""
-        x = args[0]
+        x, rebuild = layer_input(args, kwargs)
         if not self.active or not isinstance(x, Tensor) or not x.requires_grad:
             return None
         self._hidden.append((module, x))
-        return (x.detach(), *args[1:])
+        return rebuild(x.detach())
 
-    def _feedback_for(self, module: nn.Module, hidden: Tensor, classes: int) -> Tensor:
-        """B_l [numel of one hidden input, classes], drawn on first use."""
+    def _feedback_for(
+        self, module: nn.Module, hidden: torch.Size, output: torch.Size
+    ) -> tuple[Tensor, int]:
+        """(B_l [width, classes], positions), B_l drawn on first use (see the class doc)."""
+        k = _positions(tuple(hidden), tuple(output))
+        width, classes = math.prod(hidden[k:]), math.prod(output[k:])
         b = getattr(module, self.buffer_name, None)
-        width = hidden[0].numel()
         if b is None:
+            like = L.weight_of(module).detach()
             b = _draw(
-                (width, classes),
-                classes,
-                self.feedback_init,
-                self.feedback_scale,
-                self.generator,
-                hidden.detach(),
-            )
+                (width, classes), classes, self.feedback_init, self.feedback_scale,
+                self.generator, like,
+            )  # fmt: skip
             module.register_buffer(self.buffer_name, b)
         elif b.shape != (width, classes):
             raise UserError(
                 f"DFA feedback of a layer is {tuple(b.shape)} but the layer now gets {width} "
-                f"inputs for {classes} outputs"
+                f"inputs for {classes} outputs per position (input {tuple(hidden)}, output "
+                f"{tuple(output)}); DFA needs the same shapes (sequence length) every step"
             )
-        return b
+        return b, k
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         self._hidden = []
@@ -376,11 +385,11 @@ class DirectFeedbackAlignment(_FeedbackRule):
             loss.backward()
             return StepOutput(loss.detach(), output.detach())
         (e,) = torch.autograd.grad(loss, output, retain_graph=True)
-        flat_e = e.reshape(e.shape[0], -1)
         tensors, grads = [loss], [None]
         for module, h in hidden:
-            b = self._feedback_for(module, h, flat_e.shape[1])
+            b, k = self._feedback_for(module, h.shape, e.shape)
+            per = e.reshape(*e.shape[:k], -1)
             tensors.append(h)
-            grads.append((flat_e @ b.T.to(flat_e.dtype)).reshape(h.shape))
+            grads.append((per @ b.T.to(e.dtype)).reshape(h.shape).to(h.dtype))
         torch.autograd.backward(tensors, grads)
         return StepOutput(loss.detach(), output.detach())
