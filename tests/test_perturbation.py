@@ -625,6 +625,38 @@ def test_loose_parameters_are_perturbed_in_place_and_restored_exactly():
     assert torch.equal(model.pos.detach(), before)
 
 
+@pytest.mark.parametrize(("name", "inaccessible"), [("np", False), ("inp", False), ("anp", False),
+                                                    ("anp", True)])  # fmt: skip
+@pytest.mark.parametrize("net", ["tokens", "resnet-zero-gamma"])
+def test_every_rule_trains_norms_loose_parameters_and_a_zero_gamma_block(name, inaccessible, net):
+    torch.manual_seed(0)
+    if net == "tokens":
+        model, x = TokenNet().double(), torch.randn(64, 4, 3, dtype=torch.float64)
+    else:
+        model, x = ResBlockNet(zero_gamma=True).double(), torch.randn(64, 2, 3, 3).double()
+    y = torch.randint(0, 3, (64,))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def loss():
+        model.eval()
+        with torch.no_grad():
+            value = float(Loss()(model(x), y))
+        model.train()
+        return value
+
+    rule = get_rule(name, sigma=1e-3, samples=4, inaccessible=inaccessible)
+    rule.attach(model, Loss(), torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = loss()
+    for _ in range(20):
+        optimizer.zero_grad(set_to_none=True)
+        rule.backward(model, x, y)
+        optimizer.step()
+    assert loss() < first - 0.05
+    # every parameter moved, the convolutions behind the zero γ included
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())
+
+
 @pytest.mark.parametrize(("name", "samples"), [("np", 10), ("inp", 4), ("anp", 10)])
 def test_embedding_layers_are_perturbed_at_their_output(name, samples):
     class EmbeddingNet(nn.Module):
