@@ -47,7 +47,10 @@ saved before each draw (user samplers and traces are kept).
 **BatchNorm in training mode**: each pass normalises with its own batch statistics, so a noisy
 pass's statistics include the noise — the honest forward pass of a perturbed network. Running
 statistics (any buffer the forward changes) are updated once per step, from the first pass:
-what the noisy passes wrote into them is put back.
+what the noisy passes wrote into them is put back. A per-sample loss difference cannot see how
+one sample's noise moves the other samples' losses through the batch mean and variance, so in
+training mode NP estimates BP's gradient with the batch statistics held constant (in eval mode,
+or with per-sample normalisation such as LayerNorm, it is unbiased for BP's gradient itself).
 
 **Cost.** 1 + K forward passes per step (inp: 1 + K·(layers + loose parameters); inaccessible
 anp: 2K), plus one local ⟨e aᵀ⟩ per layer (as BP's weight gradient); memory: the clean inputs of
