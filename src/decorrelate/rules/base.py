@@ -24,10 +24,11 @@ objects inside ``forward``):
 * **Direct feedback alignment (dfa)**: ``attach`` adds per-layer feedback buffers and hooks that
   inject Bₗ·e (e = output error) as the gradient of each hidden block's output; the error comes
   from a hook on the model output, so any block type may sit between feedback points.
-* **Node perturbation (np/inp/anp)**: forward-only. ``backward`` runs under ``torch.no_grad()``,
-  puts clean and noisy copies of the batch through one batched forward call (noise added by
-  forward hooks on the pre-activations, drawn from the rule's own generator), forms per-sample
-  loss differences and writes ⟨e zᵀ⟩ into ``weight.grad`` itself. No autograd graph is kept.
+* **Node perturbation (np/inp/anp)**: forward-only. ``backward`` runs under ``torch.no_grad()``
+  a clean and K noisy forward calls on the same batch (noise added by forward hooks on every
+  layer's output, drawn from the rule's own generator; the global random state replayed so
+  dropout masks agree), forms per-sample loss differences and writes ⟨e zᵀ⟩ into
+  ``weight.grad`` itself. No autograd graph is kept.
 * **Align (align-zero/ada/prop)**: ``attach`` keeps a frozen deep copy of the model at
   initialisation (the twin; its weights are in the rule's ``state_dict``), ``backward`` takes the
   real network's output error and back-propagates it through the twin, writing the results into

@@ -1,31 +1,72 @@
 """Node perturbation: learning from forward passes only (Dalm, van Gerven & Ahmad).
 
-Noise ε_l is added to the pre-activation (the output) of every trained layer; the change of each
-sample's loss δL tells how well the noise direction agreed with the gradient. Each rule turns this
-into a per-sample error e_l at every layer and writes ``W.grad = ⟨e_l x_{l−1}ᵀ⟩`` (conv: the same
-with the layer's own input patches) and ``b.grad = ⟨e_l⟩``, always with the *clean* layer input:
+Noise ε = σ·ξ is added to the output of every layer (every node of the graph a rule trains); the
+change of each sample's loss δL tells how well the noise direction agreed with the gradient. Each
+rule turns this into a per-sample error e at every layer output and writes
+``W.grad = ⟨e aᵀ⟩`` and ``b.grad = ⟨e⟩`` (the mean over the batch; conv: with the layer's
+own input patches, through :func:`decorrelate.layers.weight_grad`), always with the input ``a``
+the layer had in the *clean* pass:
 
 =====  ==================================  ===========================================
-rule   noisy passes per clean pass         e_l
+rule   noisy passes per clean pass         e
 =====  ==================================  ===========================================
-np     K (all layers at once)              (δL / σ²) · ε_l
+np     K (every node at once)              (δL / σ²) · ε
 inp    K per layer (one layer at a time)   N_l · (δL_l / ‖ε_l‖²) · ε_l
-anp    K (all layers at once)              N · (δL / ‖δa‖²) · δa_l,  δa = measured change
+anp    K (every node at once)              N · (δL / ‖δa‖²) · δa,  δa = measured change
 =====  ==================================  ===========================================
 
-averaged over the K resamples. Everything runs under ``torch.no_grad()``: the clean and all noisy
-copies of the batch go through **one** batched forward call (rows ``[copy, sample]``), hooks on
-the layers add the noise to the noisy rows and record what the rule needs, and no autograd graph
-is ever built.
+averaged over the K passes that perturbed the node (N: perturbed units per sample).
+
+**What is perturbed.** Every layer :func:`decorrelate.layers.find_layers` (with ``norms=True``)
+lists: Linear (and subclasses), convolutions, Hugging Face ``Conv1D``, embeddings (their output
+rows; the update scatters into the rows that were looked up) and the affine part of
+normalisation layers — a LayerNorm/BatchNorm/GroupNorm/RMSNorm output γ ⊙ x̂ + β is a node like
+any other, and its update is ⟨e ⊙ x̂⟩ for γ and ⟨e⟩ for β (so a ResNet whose last BN γ of a block
+starts at zero learns). Layers are found at run time by forward hooks, in forward-call order
+whatever the module order; a layer called k times in one forward (a shared or unrolled
+recurrent cell) gets k independent perturbations, and its update is the sum over its calls.
+Every layer output must hold the samples in dim 0.
+
+**Loose parameters** (:func:`decorrelate.layers.loose_parameters`: a positional embedding or
+class token held by a container) get the same estimator applied to the parameter itself —
+weight perturbation in the same noisy passes: θ + σ·ξ (same σ, the same draw for every sample of
+the batch), the parameter treated as one node shared by every sample, so its update is the batch
+mean of the per-sample error, e.g. (mean δL / σ²) · ε for ``np``. ``anp`` counts it in N and in
+‖δa‖² (its measured change θ̃ − θ); ``inp`` gives each one its own K passes. Its variance grows
+with the parameter's size (all samples share one draw), unlike a node's.
+
+**Passes.** The clean pass and every noisy pass are separate forward calls with the same batch,
+under ``torch.no_grad()`` (no autograd graph is ever built): nothing is stacked along dim 0, so
+no pass mixes with another in batch statistics, attention or any op across rows. Before every
+pass the global random state (CPU, and each CUDA device the model uses) is set back to where it
+was before the first, so **dropout and any other random op draw the same values in every pass**;
+afterwards it is left where one forward pass would leave it. The noise comes from the rule's own
+seeded generator and is not stored: the built-in sources are replayed from the generator state
+saved before each draw (user samplers and traces are kept).
+
+**BatchNorm in training mode**: each pass normalises with its own batch statistics, so a noisy
+pass's statistics include the noise — the honest forward pass of a perturbed network. Running
+statistics (any buffer the forward changes) are updated once per step, from the first pass:
+what the noisy passes wrote into them is put back. A per-sample loss difference cannot see how
+one sample's noise moves the other samples' losses through the batch mean and variance, so in
+training mode NP estimates BP's gradient with the batch statistics held constant (in eval mode,
+or with per-sample normalisation such as LayerNorm, it is unbiased for BP's gradient itself).
+
+**Cost.** 1 + K forward passes per step (inp: 1 + K·(layers + loose parameters); inaccessible
+anp: 2K), plus one local ⟨e aᵀ⟩ per layer (as BP's weight gradient); memory: the clean inputs of
+every layer (anp: also its clean outputs). Under bf16 autocast the noise is drawn in float32 and
+rounded to the output's dtype and every update is formed in float32. A ``torch.compile``'d model
+is refused with one clear error (pass the uncompiled module).
 
 **Inaccessible noise** (``anp`` only): hardware noise cannot be read out. Then every pass is
-noisy and the rule learns from pairs of noisy passes, δa = ã⁽¹⁾ − ã⁽²⁾ and δL = L⁽¹⁾ − L⁽²⁾, with
-the layer input of the first pass. This is enforced structurally: the noise is added by an
-:class:`_Injector` that keeps nothing, and the rule reads only recorded activities and losses.
+noisy and the rule learns from pairs of noisy passes, δa = ã⁽²⁾ − ã⁽¹⁾ and δL = L⁽²⁾ − L⁽¹⁾, with
+the layer input of the first pass of the pair. This is enforced structurally: the noise is drawn
+by an :class:`_Injector` that keeps nothing, and the rule reads only recorded activities, losses
+and (for loose parameters) the perturbed values.
 
 Decorrelated layers (a = W R x) are trained through their effective weight W R: the update
 ⟨e xᵀ⟩ for W R becomes ⟨e xᵀ⟩ Rᵀ = ⟨e zᵀ⟩ for W, i.e. the decorrelated input z = R x is used, as
-in the paper. Their R learns from the clean rows only.
+in the paper. Their R learns from the first pass's input only.
 """
 
 from __future__ import annotations
@@ -34,6 +75,8 @@ import importlib
 import inspect
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +85,8 @@ from torch import Tensor, nn
 
 from ..distributed import current_shard
 from ..errors import UserError
+from ..layers import bias_of, find_layers, is_wrapper, loose_parameters, weight_grad, weight_of
 from .base import LearningRule, StepOutput, register_rule
-from .layers import accumulate_grad, inner_layer, local_weight_grad, trainable_layers
 
 NOISES = ("gaussian", "bernoulli", "centred-bernoulli")
 
@@ -209,39 +252,51 @@ def noise_source(noise: str | Sampler) -> Sampler:
     return sampler
 
 
-# ----------------------------------------------------------------------------- the forward pass
+# ----------------------------------------------------------------------------- the passes
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype updates are formed in: float32 for half/bfloat16 outputs, else the dtype."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
 
 
 class _Injector:
-    """Adds σ·noise to chosen copies of a layer's output during the batched forward.
+    """Draws the σ·noise added to one layer output or one loose parameter.
 
-    ``plan[layer_index]`` lists the copies whose rows get noise at that layer. When ``keep`` is
-    false (inaccessible noise) the values are added and forgotten. Otherwise the rule reads them
-    back with :meth:`noise`: the built-in sources are replayed from the generator state saved
-    before the draw (a few bytes instead of a [K, B, ...] tensor per layer, which would make
+    :meth:`draw` returns the noise and a token to read it back with :meth:`noise`. When ``keep``
+    is false (inaccessible noise) the token is None: the values are added and forgotten.
+    Otherwise the built-in sources are replayed from the generator state saved before the draw
+    (a few bytes instead of a tensor the size of the layer's output per pass, which would make
     node perturbation hold more memory than backprop's saved activations); user samplers and
-    recorded traces, which may not be replayable, are kept.
+    recorded traces, which may not be replayable, are kept. Noise is drawn in float32 (or the
+    output's dtype, if wider) and rounded to the output's dtype: the same values under bf16
+    autocast as without it.
     """
 
     def __init__(
-        self, sampler: Sampler, sigma: float, generator: torch.Generator | None, name: str = ""
+        self,
+        sampler: Sampler,
+        sigma: float,
+        generator: torch.Generator | None,
+        name: str = "",
+        keep: bool = True,
     ) -> None:
         self.sampler, self.sigma, self.generator = sampler, sigma, generator
         self.name = name
         self.builtin = sampler in SOURCES.values()
-        self.keep = True
+        self.keep = keep
         self.replay = generator is not None and self.builtin
-        self.kept: dict[int, Tensor] = {}
-        self.draws: dict[int, tuple[Tensor, tuple[int, ...], torch.device, torch.dtype]] = {}
 
-    def _draw(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    def _draw(
+        self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, batch: bool
+    ) -> Tensor:
         shard = current_shard()
-        if shard is None or shape[1] != shard.size or shard.total == shard.size:
+        if not batch or shard is None or shape[0] != shard.size or shard.total == shard.size:
             return self.sigma * self._sample(shape, device, dtype)
         # One rank of several: draw for the global batch, as a single process would, and keep
         # this rank's rows, so every sample gets its own noise and the run equals the 1-process one.
-        full = self._sample((shape[0], shard.total, *shape[2:]), device, dtype)
-        return self.sigma * full[:, shard.offset : shard.offset + shard.size]
+        full = self._sample((shard.total, *shape[1:]), device, dtype)
+        return self.sigma * full[shard.offset : shard.offset + shard.size]
 
     def _sample(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
         if self.builtin:
@@ -258,33 +313,354 @@ class _Injector:
         _check_draw(eps, shape, self.name)
         return eps
 
-    def add(self, index: int, out: Tensor, copies: list[int], batch: int) -> Tensor:
-        if not copies:
-            return out
-        out = out.contiguous()  # a no-op for layer outputs; guarantees `view` aliases `out`
-        view = out.view(-1, batch, *out.shape[1:])
-        shape = (len(copies), batch, *out.shape[1:])
+    def draw(self, like: Tensor, batch: bool = True) -> tuple[Tensor, Any]:
+        """σ·noise shaped like ``like`` in its dtype, and the token to read it back (or None).
+
+        ``batch``: dim 0 of ``like`` holds the samples (a layer output; under torch.distributed
+        drawn for the global batch), not a parameter."""
+        shape, device, dtype = tuple(like.shape), like.device, like.dtype
+        token: Any = None
         if self.keep and self.replay:
             assert self.generator is not None
-            self.draws[index] = (self.generator.get_state(), shape, out.device, out.dtype)
-        eps = self._draw(shape, out.device, out.dtype)
-        view[copies] += eps
+            token = (self.generator.get_state(), shape, device, dtype, batch)
+        eps = self._draw(shape, device, _acc_dtype(dtype), batch).to(dtype)
         if self.keep and not self.replay:
-            self.kept[index] = eps
-        return out
+            token = eps
+        return eps, token
 
-    def noise(self, index: int) -> Tensor:
-        """The σ·noise added at layer ``index`` (released: each layer's is read once)."""
-        if index in self.kept:
-            return self.kept.pop(index)
-        state, shape, device, dtype = self.draws.pop(index)
+    def noise(self, token: Any) -> Tensor:
+        """The noise a :meth:`draw` returned, from its token."""
+        if isinstance(token, Tensor):
+            return token
+        state, shape, device, dtype, batch = token
         assert self.generator is not None
         now = self.generator.get_state()
         self.generator.set_state(state)
         try:
-            return self._draw(shape, device, dtype)
+            return self._draw(shape, device, _acc_dtype(dtype), batch).to(dtype)
         finally:
             self.generator.set_state(now)
+
+
+class _GlobalRNG:
+    """The global random state that dropout and other random modules draw from: the CPU
+    generator, and the generator of every CUDA device the model or the batch lives on."""
+
+    def __init__(self, devices: set[torch.device]) -> None:
+        self.cuda = sorted(
+            {d.index if d.index is not None else torch.cuda.current_device()
+             for d in devices if d.type == "cuda"}
+        )  # fmt: skip
+
+    def get(self) -> tuple[Tensor, list[Tensor]]:
+        return torch.get_rng_state(), [torch.cuda.get_rng_state(i) for i in self.cuda]
+
+    def set(self, state: tuple[Tensor, list[Tensor]]) -> None:
+        torch.set_rng_state(state[0])
+        for i, s in zip(self.cuda, state[1], strict=True):
+            torch.cuda.set_rng_state(s, i)
+
+
+@dataclass
+class _Pass:
+    """What one forward pass does at the layers (indices into the rule's layers / loose
+    parameters)."""
+
+    #: layers whose outputs get noise, and loose parameters that do
+    noisy: frozenset[int] = frozenset()
+    loose: frozenset[int] = frozenset()
+    #: record every call's input (the clean pass; the first pass of an inaccessible pair)
+    inputs: bool = False
+    #: keep a copy of every call's output and of the perturbed loose parameters (the
+    #: reference a later pass measures its change δa against)
+    outputs: bool = False
+    #: a former pass whose outputs this one measures δa = out − reference against
+    against: _Record | None = None
+    #: δa may overwrite the reference (its last use)
+    consume: bool = False
+    #: accumulate the per-sample squared norm of the "noise" or of the "delta"
+    norms: str | None = None
+
+
+@dataclass
+class _Record:
+    """What one forward pass left: per-sample losses [B] (in the update dtype), the raw model
+    output, and per layer index one entry per call of that layer."""
+
+    spec: _Pass
+    losses: Tensor | None = None
+    raw: Any = None
+    order: list[int] = field(default_factory=list)
+    inputs: dict[int, list[Tensor]] = field(default_factory=dict)
+    versions: dict[int, list[int]] = field(default_factory=dict)
+    outputs: dict[int, list[Tensor]] = field(default_factory=dict)
+    deltas: dict[int, list[Tensor]] = field(default_factory=dict)
+    tokens: dict[int, list[Any]] = field(default_factory=dict)
+    loose_tokens: dict[int, Any] = field(default_factory=dict)
+    loose_values: dict[int, Tensor] = field(default_factory=dict)
+    loose_deltas: dict[int, Tensor] = field(default_factory=dict)
+    #: per-sample Σ‖·‖² of what ``spec.norms`` names, and the perturbed units per sample
+    sq: Tensor | float = 0.0
+    units: int = 0
+
+    def add_norm(self, t: Tensor, per_sample: bool = True) -> None:
+        t = t.to(_acc_dtype(t.dtype))
+        self.sq = self.sq + (
+            t.reshape(t.shape[0], -1).pow(2).sum(1) if per_sample else t.pow(2).sum()
+        )
+
+
+class _Passes:
+    """Runs the forward passes of one step with the same batch, under ``torch.no_grad()``.
+
+    A forward hook on every layer (:func:`~decorrelate.layers.find_layers` with norms) sees
+    each call in forward-call order, whatever the module order, and a layer called k times
+    (a shared cell) has k calls, each perturbed independently. Every pass starts from the same
+    global random state, so dropout draws the same mask in every pass. Buffers that the first
+    pass changed (BatchNorm's running statistics) are put back to their values after it once the
+    later passes are done: they are updated once per step, from the first pass. Loose
+    parameters are perturbed in place and restored exactly after each pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: Any,
+        y: Tensor,
+        loss: Any,
+        layers: list[tuple[str, nn.Module]],
+        loose: list[tuple[str, Tensor]],
+        injector: _Injector,
+    ) -> None:
+        self.model, self.x, self.y, self.loss = model, x, y, loss
+        self.layers, self.loose, self.injector = layers, loose, injector
+        self.batch = _batch_size(x)
+        self.record: _Record | None = None
+        self.sequence: list[int] | None = None
+        self.observe: dict[int, Tensor] = {}
+        devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+        if isinstance(x, Tensor):
+            devices.add(x.device)
+        self.rng = _GlobalRNG(devices)
+        self.start = self.rng.get()
+        self.after: tuple[Tensor, list[Tensor]] | None = None
+        self.buffers = {n: (id(b), b._version) for n, b in model.named_buffers()}
+        self.changed: dict[str, Tensor] = {}
+        self.clean_loose = [p.detach().clone() for _, p in loose]
+        self.handles = [
+            module.register_forward_hook(self._hook(i), with_kwargs=True)
+            for i, (_, module) in enumerate(layers)
+        ]
+
+    # -------------------------------------------------------------- one pass
+    def run(self, spec: _Pass) -> _Record:
+        rec = self.record = _Record(spec)
+        if self.after is not None:
+            self.rng.set(self.start)
+        try:
+            for j in sorted(spec.loose):
+                self._perturb_loose(rec, j)
+            raw = self.model(self.x)
+            losses = self.loss(raw, self.y, reduction="none")
+        finally:
+            for j in spec.loose:
+                self.loose[j][1].copy_(self.clean_loose[j])
+            self.record = None
+        if not isinstance(losses, Tensor) or tuple(losses.shape) != (self.batch,):
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise UserError(
+                f"node perturbation needs one loss per sample: the loss with reduction='none' "
+                f"gave {shape} for a batch of {self.batch}"
+            )
+        rec.losses, rec.raw = losses.to(_acc_dtype(losses.dtype)), raw
+        if self.sequence is None:
+            self.sequence = rec.order
+            self.after = self.rng.get()
+            # normalisation layers update their running statistics inside the kernel (the
+            # version counter does not see it); other modules' in-place updates it does
+            norms = {
+                f"{m_name}.{b_name}" if m_name else b_name
+                for m_name, m in self.model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+                for b_name, _ in m.named_buffers(recurse=False)
+            }
+            for name, b in self.model.named_buffers():
+                if name in norms or self.buffers.get(name) != (id(b), b._version):
+                    self.changed[name] = b.clone()
+        elif rec.order != self.sequence:
+            raise UserError(
+                "the model called its layers in another order or number in a noisy pass than "
+                "in the first pass; node perturbation needs the same computation in every pass "
+                "(no control flow that depends on the values)"
+            )
+        return rec
+
+    def _perturb_loose(self, rec: _Record, j: int) -> None:
+        p = self.loose[j][1]
+        eps, token = self.injector.draw(p.detach(), batch=False)
+        p.add_(eps)
+        rec.units += p.numel()
+        if token is not None:
+            rec.loose_tokens[j] = token
+        if rec.spec.norms == "noise":
+            rec.add_norm(eps, per_sample=False)
+        if rec.spec.outputs:
+            rec.loose_values[j] = p.detach().clone()
+        if rec.spec.against is not None:
+            ref = rec.spec.against.loose_values.get(j, self.clean_loose[j])
+            rec.loose_deltas[j] = delta = p.detach() - ref  # the measured change
+            if rec.spec.norms == "delta":
+                rec.add_norm(delta, per_sample=False)
+
+    def _hook(self, index: int) -> Callable[..., Tensor | None]:
+        name, module = self.layers[index]
+        wrapper = is_wrapper(module)
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Tensor | None:
+            rec = self.record
+            if rec is None:  # the model called outside our passes (should not happen)
+                return None
+            spec = rec.spec
+            rec.order.append(index)
+            if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != self.batch:
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise UserError(
+                    f"layer {name} returned {shape}, whose dim 0 is not the batch "
+                    f"({self.batch}); node perturbation needs every layer's output to hold the "
+                    "samples in dim 0 (e.g. batch_first=True)"
+                )
+            if spec.inputs:
+                a = args[0] if args else next(iter(kwargs.values()))
+                rec.inputs.setdefault(index, []).append(a)
+                rec.versions.setdefault(index, []).append(a._version)
+                if wrapper and self.after is None and index not in self.observe:
+                    self.observe[index] = a
+            changed = None
+            if index in spec.noisy:
+                eps, token = self.injector.draw(out)
+                if token is not None:
+                    rec.tokens.setdefault(index, []).append(token)
+                if spec.norms == "noise":
+                    rec.add_norm(eps)
+                rec.units += out[0].numel()
+                out = changed = out + eps
+            if spec.outputs:
+                rec.outputs.setdefault(index, []).append(out.clone())
+            if spec.against is not None:
+                refs = spec.against.outputs.get(index, [])
+                deltas = rec.deltas.setdefault(index, [])
+                if len(deltas) >= len(refs) or refs[len(deltas)].shape != out.shape:
+                    raise UserError(
+                        f"layer {name} was called differently in two passes; node perturbation "
+                        "needs the same computation in every pass"
+                    )
+                ref = refs[len(deltas)]
+                delta = torch.sub(out, ref, out=ref) if spec.consume else out - ref
+                deltas.append(delta)
+                if spec.norms == "delta":
+                    rec.add_norm(delta)
+            return changed
+
+        return hook
+
+    # -------------------------------------------------------------- after the passes
+    def finish(self) -> None:
+        """The passes are done: show each decorrelator its input from the first pass."""
+        for index, a in self.observe.items():
+            self.layers[index][1].observe(a)
+        self.observe.clear()
+
+    def close(self) -> None:
+        """Remove the hooks; put back the buffers the first pass left and the global random
+        state after it (as if the model had run one forward pass)."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        with torch.no_grad():
+            for name, value in self.changed.items():
+                self.model.get_buffer(name).copy_(value)
+        self.changed = {}
+        if self.after is not None:
+            self.rng.set(self.after)
+
+    def inputs_of(self, rec: _Record, index: int) -> list[Tensor]:
+        """The recorded inputs of layer ``index``, released from ``rec``; refused if one was
+        changed in place after the layer read it."""
+        inputs = rec.inputs.pop(index, [])
+        versions = rec.versions.pop(index, [])
+        for a, v in zip(inputs, versions, strict=True):
+            if a._version != v:
+                raise UserError(
+                    f"the input of layer {self.layers[index][0]} was changed in place after the "
+                    "layer read it (an in-place op such as x += ... or ReLU(inplace=True) on "
+                    "it); node perturbation needs it unchanged: make that op out-of-place"
+                )
+        return inputs
+
+    def write(self, index: int, inputs: list[Tensor], errors: list[Tensor]) -> None:
+        """``.grad`` += Σ over calls of ⟨e aᵀ⟩ (weight) and Σ e (bias) of layer ``index``;
+        ``errors`` already carry the 1/B of the batch mean."""
+        if not errors:
+            return
+        module = self.layers[index][1]
+        with _no_autocast():
+            gw, gb = weight_grad(module, inputs, errors)
+        _accumulate(weight_of(module), gw)
+        if gb is not None:
+            _accumulate(bias_of(module), gb)
+
+    def write_loose(self, j: int, grad: Tensor) -> None:
+        _accumulate(self.loose[j][1], grad)
+
+
+def _batch_size(x: Any) -> int:
+    """Samples in the batch: dim 0 of the input (of its first tensor, for a dict or tuple)."""
+    if isinstance(x, Tensor):
+        return int(x.shape[0])
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, list | tuple) else ()
+    for v in values:
+        if isinstance(v, Tensor):
+            return int(v.shape[0])
+    raise UserError(f"node perturbation needs a tensor batch, got {type(x).__name__}")
+
+
+@contextmanager
+def _no_autocast() -> Iterator[None]:
+    """Updates are formed outside autocast: in float32 (or wider), never in bf16."""
+    with torch.autocast("cpu", enabled=False):
+        if torch.cuda.is_available():
+            with torch.autocast("cuda", enabled=False):
+                yield
+        else:
+            yield
+
+
+def _accumulate(param: Tensor | None, grad: Tensor) -> None:
+    """Add a hand-computed update into ``param.grad`` (skips missing and frozen parameters)."""
+    if param is None or not param.requires_grad:
+        return
+    grad = grad.to(param.dtype).reshape(param.shape)
+    param.grad = grad if param.grad is None else param.grad + grad
+
+
+def _per_sample(s: Tensor, like: Tensor) -> Tensor:
+    """The per-sample factor [B] shaped to broadcast over ``like`` [B, ...]."""
+    return s.reshape(-1, *[1] * (like.dim() - 1))
+
+
+def refuse_compiled(model: nn.Module) -> None:
+    """One clear error for a ``torch.compile``'d model (or submodule). (Compiling the rule's
+    ``backward`` itself works: dynamo runs the hook-driven passes eagerly, through graph
+    breaks.)"""
+    for name, module in model.named_modules():
+        if "_orig_mod" in module._modules:
+            raise UserError(
+                f"node perturbation cannot train a torch.compile'd module "
+                f"({name or 'the model'}): it runs its own forward passes with hooks on every "
+                "layer and replays the random state between them, which compiled code does not "
+                "follow; pass the module itself (the compiled one's ._orig_mod, whose layers "
+                "and parameters are the same)"
+            )
 
 
 class NodePerturbation(LearningRule):
@@ -314,6 +690,8 @@ class NodePerturbation(LearningRule):
         self.sampler = noise_source(noise)
         self.noise_name = noise if isinstance(noise, str) else getattr(noise, "__name__", "noise")
         self.layers: list[tuple[str, nn.Module]] = []
+        self.loose: list[tuple[str, Tensor]] = []
+        self._found: tuple[int, ...] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -343,136 +721,79 @@ class NodePerturbation(LearningRule):
         example: Tensor | None = None,
     ) -> None:
         super().attach(model, loss, generator)
-        self.layers = trainable_layers(model)
+        refuse_compiled(model)
+        self._find(model)  # find_layers unrolls recurrent/attention modules into layers
 
-    # -------------------------------------------------------------- schedule of copies
-    def plan(self) -> tuple[int, list[list[int]]]:
-        """Number of copies, and for every layer the copies whose output gets noise.
+    def _find(self, model: nn.Module) -> None:
+        """The layers and loose parameters, found again whenever the model's modules change."""
+        key = tuple(map(id, model.modules()))
+        if key != self._found:
+            self.layers = find_layers(model, norms=True)
+            self.loose = loose_parameters(model)
+            self._found = key
 
-        Copy 0 is the clean pass; copies 1..K are noisy everywhere.
-        """
-        k = self.samples
-        return 1 + k, [list(range(1, 1 + k)) for _ in self.layers]
+    def passes(self) -> int:
+        """Forward passes per step: one clean and K noisy ones."""
+        return 1 + self.samples
 
-    # -------------------------------------------------------------- one batched forward
-    def _forward(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        copies: int,
-        noisy: list[list[int]],
-        injector: _Injector,
-        record_inputs: slice,
-    ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
-        """Run all copies at once. Returns per-copy losses [copies, B], the output rows of copy 0,
-        the layer inputs of the copies ``record_inputs`` ([P, B, ...], or [1, B, ...] where
-        every copy still shares it) and what :meth:`activity_delta` keeps of every layer's
-        outputs.
-
-        Copies only differ from the first noise injection on, so the batch enters the model
-        once (B rows) and is expanded into the ``copies`` row blocks at the first trained
-        layer's output, where the noise first goes in. That saves the first layer's repeated
-        work and memory, and its input is the batch itself (recorded without a copy).
-        """
-        batch = x.shape[0]
-        inputs: list[Tensor] = []
-        deltas: list[Tensor] = []
-        handles = []
-
-        def make_hooks(index: int, module: nn.Module) -> None:
-            def pre(mod: nn.Module, args: tuple) -> None:
-                inp = args[0]
-                rows = inp.reshape(inp.shape[0] // batch, batch, *inp.shape[1:])
-                # still shared by every copy: keep it as one block, or the chosen copies' rows
-                # (a slice and a copy: faster than gathering rows by index)
-                inputs.append(rows if rows.shape[0] == 1 else rows[record_inputs].clone())
-                if _is_decorrelator(mod):
-                    mod.observe(rows[0])  # R learns from the clean (or first) pass only
-
-            def post(mod: nn.Module, args: tuple, out: Tensor) -> Tensor:
-                if out.shape[0] == batch and copies > 1:  # where the copies part ways
-                    out = out.repeat(copies, *([1] * (out.dim() - 1)))
-                out = injector.add(index, out, noisy[index], batch)
-                delta = self.activity_delta(out.reshape(copies, batch, *out.shape[1:]))
-                if delta is not None:
-                    deltas.append(delta)
-                return out
-
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(post))
-
-        for i, (_, module) in enumerate(self.layers):
-            make_hooks(i, module)
+    # -------------------------------------------------------------- the step
+    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+        refuse_compiled(model)
+        self._find(model)  # cheap, and follows a model changed after attach
+        if self.generator is None:  # the noise must not come from the replayed global state
+            seed = int(torch.randint(0, 2**62, (1,)))
+            device = x.device if isinstance(x, Tensor) else "cpu"
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+        injector = _Injector(
+            self.sampler, self.sigma, self.generator, self.noise_name, keep=not self.inaccessible
+        )
+        run = _Passes(model, x, y, self.loss, self.layers, self.loose, injector)
         try:
             with torch.no_grad():
-                out = self.loss.select(model(x))
-                ys = y.repeat(copies, *[1] * (y.dim() - 1))
-                losses = self.loss(out, ys, reduction="none").reshape(copies, batch)
+                losses, raw = self.learn(run)
+                run.finish()
         finally:
-            for h in handles:
-                h.remove()
-        return losses, out.reshape(copies, batch, *out.shape[1:]), inputs, deltas
+            run.close()
+        return StepOutput(losses.mean().detach(), self.loss.select(raw).detach())
 
-    def activity_delta(self, outputs: Tensor) -> Tensor | None:
-        """What the rule keeps of a layer's outputs [copies, B, ...] (nothing: NP reads noise)."""
-        return None
+    def learn(self, run: _Passes) -> tuple[Tensor, Any]:
+        """Run the passes and write ``.grad``; returns the first pass's losses and output."""
+        clean = run.run(_Pass(inputs=True))
+        every = frozenset(range(len(run.layers)))
+        loose = frozenset(range(len(run.loose)))
+        noisy = []
+        for _ in range(self.samples):
+            rec = run.run(_Pass(noisy=every, loose=loose))
+            assert rec.losses is not None and clean.losses is not None
+            noisy.append(((rec.losses - clean.losses) / self.sigma**2, rec))
+        self.write_from_noise(run, clean, noisy)
+        return clean.losses, clean.raw
 
-    # -------------------------------------------------------------- the rule
-    def errors(self, losses: Tensor, injector: _Injector, deltas: list[Tensor]) -> Iterator[Tensor]:
-        """Per-sample error of every layer in turn, averaged over the K resamples: [B, ...].
-
-        A generator that releases each layer's noise once its error is formed, so that only
-        one layer's error exists at a time."""
-        delta = losses[1:] - losses[0]  # [K, B]
-        for i in range(len(self.layers)):
-            eps = injector.noise(i)  # [K, B, ...], ours to overwrite
-            scale = (delta / self.sigma**2).reshape(*delta.shape, *[1] * (eps.dim() - 2))
-            yield _mean_over_samples(eps.mul_(scale))
-
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        copies, noisy = self.plan()
-        injector = _Injector(self.sampler, self.sigma, self.generator, self.noise_name)
-        injector.keep = not self.inaccessible
-        record = slice(0, 1) if not self.inaccessible else slice(0, copies, 2)
-        losses, out, inputs, deltas = self._forward(model, x, y, copies, noisy, injector, record)
-        batch = x.shape[0]
-        errors = self.errors(losses, injector, deltas)
-        for i, ((_, module), e) in enumerate(zip(self.layers, errors, strict=True)):
-            write_grads(module, e, inputs[i], batch)
-            inputs[i] = None  # type: ignore[call-overload]  # free it before the next layer
-        return StepOutput(losses[0].mean(), out[0])
-
-
-def _mean_over_samples(e: Tensor) -> Tensor:
-    """Mean over the K resamples of [K, B, ...]; a view, not a copy, when K = 1."""
-    return e[0] if e.shape[0] == 1 else e.mean(0)
-
-
-def _is_decorrelator(module: nn.Module) -> bool:
-    """A decorrelated wrapper that can be shown the clean input to learn R from."""
-    return hasattr(module, "observe") and hasattr(module, "fold")
-
-
-def write_grads(module: nn.Module, e: Tensor, x_in: Tensor, batch: int) -> None:
-    """``W.grad = ⟨e xᵀ⟩`` (conv: with the input patches) and ``b.grad = ⟨e⟩`` for one layer.
-
-    ``e`` is [B, ...] (one error per sample) or [P, B, ...] (one per pass, inaccessible mode)
-    with ``x_in`` [P, B, ...] or [1, B, ...] (an input every pass shares); either way the result
-    is the mean over samples (and passes).
-    """
-    layer = inner_layer(module)
-    if e.dim() == x_in.dim() - 1:  # one error per sample: x_in is [1, B, ...]
-        e = e.unsqueeze(0)
-    elif x_in.shape[0] == 1 < e.shape[0]:  # one shared input for P passes: average e first
-        e = e.mean(0, keepdim=True)
-    passes = x_in.shape[0]
-    e = e.reshape(passes * batch, *e.shape[2:]) / (passes * batch)
-    x_flat = x_in.reshape(passes * batch, *x_in.shape[2:])
-    grad_w, grad_b = local_weight_grad(module, [x_flat], [e])
-    accumulate_grad(layer.weight, grad_w)
-    if layer.bias is not None:
-        accumulate_grad(layer.bias, grad_b)
+    def write_from_noise(
+        self, run: _Passes, clean: _Record, noisy: list[tuple[Tensor, _Record]]
+    ) -> None:
+        """Per-sample error e = s ⊙ ε of every perturbed call (ε replayed), averaged over the
+        passes that perturbed it; then ⟨e aᵀ⟩ with the clean inputs, one layer at a time.
+        A loose parameter (shared by every sample) gets the batch mean of s times its noise."""
+        batch = run.batch
+        for i in range(len(run.layers)):
+            inputs = run.inputs_of(clean, i)
+            mine = [(s, rec.tokens.pop(i, [])) for s, rec in noisy if i in rec.spec.noisy]
+            errors: list[Tensor] = []
+            for c in range(len(inputs)):
+                total = None
+                for s, tokens in mine:
+                    eps = run.injector.noise(tokens[c])
+                    e = eps.to(_acc_dtype(eps.dtype)) * _per_sample(s, eps)
+                    total = e if total is None else total.add_(e)
+                if total is not None:
+                    errors.append(total.div_(len(mine) * batch))
+            run.write(i, inputs, errors)
+        for j in range(len(run.loose)):
+            mine_l = [(s, rec.loose_tokens[j]) for s, rec in noisy if j in rec.spec.loose]
+            if mine_l:
+                g = sum(s.mean() * run.injector.noise(t).to(s.dtype) for s, t in mine_l)
+                run.write_loose(j, g / len(mine_l))
 
 
 register_rule("np")(NodePerturbation)
@@ -480,52 +801,82 @@ register_rule("np")(NodePerturbation)
 
 @register_rule("inp")
 class IterativeNP(NodePerturbation):
-    """Iterative NP: K noisy passes per layer, each perturbing that layer alone."""
+    """Iterative NP: K noisy passes per layer (all its calls), each perturbing that layer
+    alone, then K per loose parameter; e = N_l · δL_l / ‖ε_l‖² · ε_l."""
 
-    def plan(self) -> tuple[int, list[list[int]]]:
-        k, n = self.samples, len(self.layers)
-        return 1 + n * k, [list(range(1 + i * k, 1 + (i + 1) * k)) for i in range(n)]
+    def passes(self) -> int:
+        return 1 + self.samples * (len(self.layers) + len(self.loose))
 
-    def errors(self, losses: Tensor, injector: _Injector, deltas: list[Tensor]) -> Iterator[Tensor]:
-        k = self.samples
-        for i in range(len(self.layers)):
-            eps = injector.noise(i)  # [K, B, ...]
-            delta = losses[1 + i * k : 1 + (i + 1) * k] - losses[0]  # [K, B]
-            flat = eps.reshape(*eps.shape[:2], -1)
-            units = flat.shape[-1]
-            scale = units * delta / flat.pow(2).sum(-1)
-            yield _mean_over_samples(eps.mul_(scale.reshape(*delta.shape, *[1] * (eps.dim() - 2))))
+    def learn(self, run: _Passes) -> tuple[Tensor, Any]:
+        clean = run.run(_Pass(inputs=True))
+        assert run.sequence is not None and clean.losses is not None
+        groups = [_Pass(noisy=frozenset([i]), norms="noise") for i in dict.fromkeys(run.sequence)]
+        groups += [_Pass(loose=frozenset([j]), norms="noise") for j in range(len(run.loose))]
+        noisy = []
+        for spec in groups:
+            for _ in range(self.samples):
+                rec = run.run(spec)
+                assert rec.losses is not None
+                noisy.append((rec.units * (rec.losses - clean.losses) / rec.sq, rec))
+        self.write_from_noise(run, clean, noisy)
+        return clean.losses, clean.raw
 
 
 @register_rule("anp")
 class ActivityNP(NodePerturbation):
-    """Activity-based NP: the measured change of every layer's pre-activation, normalised jointly.
+    """Activity-based NP: the measured change δa of every perturbed output, normalised jointly:
+    e = N · δL / ‖δa‖² · δa (N: perturbed units per sample, loose parameters included).
 
     With ``inaccessible=True`` it learns from pairs of noisy passes without reading the noise.
     """
 
     inaccessible_ok = True
 
-    def plan(self) -> tuple[int, list[list[int]]]:
-        k = self.samples
+    def passes(self) -> int:
+        return 2 * self.samples if self.inaccessible else 1 + self.samples
+
+    def learn(self, run: _Passes) -> tuple[Tensor, Any]:
+        every = frozenset(range(len(run.layers)))
+        loose = frozenset(range(len(run.loose)))
+        k, batch = self.samples, run.batch
         if self.inaccessible:  # K pairs of noisy passes, no clean pass
-            return 2 * k, [list(range(2 * k)) for _ in self.layers]
-        return 1 + k, [list(range(1, 1 + k)) for _ in self.layers]
-
-    def activity_delta(self, outputs: Tensor) -> Tensor:
-        """The measured change δa of a layer's outputs [copies, B, ...]: noisy − clean, or the
-        difference within each pair of noisy passes (inaccessible noise). Only δa is kept, not
-        the outputs themselves."""
-        if self.inaccessible:
-            return outputs[0::2] - outputs[1::2]  # [K, B, ...]
-        return outputs[1:] - outputs[:1]
-
-    def errors(self, losses: Tensor, injector: _Injector, deltas: list[Tensor]) -> Iterator[Tensor]:
-        delta_l = losses[0::2] - losses[1::2] if self.inaccessible else losses[1:] - losses[0]
-        sq = sum(d.reshape(*d.shape[:2], -1).pow(2).sum(-1) for d in deltas)  # [K, B]
-        units = sum(d[0, 0].numel() for d in deltas)
-        scale = units * delta_l / sq
-        for i in range(len(deltas)):
-            d, deltas[i] = deltas[i], None  # type: ignore[call-overload]
-            e = d.mul_(scale.reshape(*scale.shape, *[1] * (d.dim() - 2)))  # [K, B, ...]
-            yield e if self.inaccessible else _mean_over_samples(e)
+            first: tuple[Tensor, Any] | None = None
+            grads: dict[int, Tensor] = {}
+            for _ in range(k):
+                a = run.run(_Pass(noisy=every, loose=loose, inputs=True, outputs=True))
+                if first is None:
+                    first = (a.losses, a.raw)
+                b = run.run(_Pass(every, loose, against=a, consume=True, norms="delta"))
+                s = b.units * (b.losses - a.losses) / b.sq / (k * batch)
+                for i in range(len(run.layers)):
+                    d = b.deltas.pop(i, [])
+                    run.write(
+                        i, run.inputs_of(a, i), [x.to(s.dtype).mul_(_per_sample(s, x)) for x in d]
+                    )
+                for j, d in b.loose_deltas.items():
+                    g = s.sum() * d.to(s.dtype)
+                    grads[j] = g if j not in grads else grads[j] + g
+                a.outputs.clear()
+            for j, g in grads.items():
+                run.write_loose(j, g)
+            assert first is not None
+            return first
+        clean = run.run(_Pass(inputs=True, outputs=True))
+        errors: dict[int, list[Tensor]] = {}
+        grads = {}
+        for n in range(k):
+            rec = run.run(_Pass(every, loose, against=clean, consume=n == k - 1, norms="delta"))
+            s = rec.units * (rec.losses - clean.losses) / rec.sq / (k * batch)
+            for i, ds in rec.deltas.items():
+                es = [d.to(s.dtype).mul_(_per_sample(s, d)) for d in ds]
+                old = errors.get(i)
+                errors[i] = es if old is None else [o.add_(e) for o, e in zip(old, es, strict=True)]
+            for j, d in rec.loose_deltas.items():
+                g = s.sum() * d.to(s.dtype)
+                grads[j] = g if j not in grads else grads[j] + g
+        clean.outputs.clear()
+        for i in range(len(run.layers)):
+            run.write(i, run.inputs_of(clean, i), errors.pop(i, []))
+        for j, g in grads.items():
+            run.write_loose(j, g)
+        return clean.losses, clean.raw
