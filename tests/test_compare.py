@@ -94,3 +94,25 @@ def test_demo_trains_both_groups_at_their_own_learning_rates(tiny, tmp_path):
         saved = json.loads(config.read_text())
         assert saved["lr"] == group["lr"] and saved["decor"] == group["decor"]
     assert "bp+scaled" in summary.table and "bp lr=3e-4" in summary.table.splitlines()[-1]
+
+
+def test_a_finished_runs_last_lines_are_logged_before_its_result():
+    """A worker's queue feeder may deliver the last epoch line after the run's result: the
+    parent waits for the run's end marker, so no line is lost or reported after the summary."""
+    import queue
+    import threading
+
+    from decorrelate import compare
+
+    lines: queue.Queue = queue.Queue()
+    logged: list[str] = []
+
+    def late_feeder() -> None:
+        threading.Event().wait(0.3)  # the result was already returned
+        lines.put("np seed 0: epoch 2/2")
+        lines.put((compare._END, 0))
+
+    threading.Thread(target=late_feeder).start()
+    ended: set[int] = set()
+    compare._drain(lines, logged.append, ended, until=0)
+    assert logged == ["np seed 0: epoch 2/2"] and ended == {0}

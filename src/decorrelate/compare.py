@@ -18,6 +18,7 @@ import os
 import queue
 import re
 import statistics
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -85,9 +86,13 @@ def _worker_init(lines: Any) -> None:
     _WORKER_LINES = lines
 
 
-def _run_quietly(cfg: TrainConfig, keep_going: bool, label: str = "") -> list[dict[str, Any]] | str:
+def _run_quietly(
+    cfg: TrainConfig, keep_going: bool, label: str = "", token: int = 0
+) -> list[dict[str, Any]] | str:
     """Worker-process entry point: one run, no progress bar; its per-epoch lines, prefixed
-    with the run's label, go to the parent's log (when it has one) through a queue."""
+    with the run's label, go to the parent's log (when it has one) through a queue, followed by
+    an end marker ``(END, token)``: the queue's feeder thread may still hold the last lines when
+    the result is returned, so the parent waits for the marker before it reports the run."""
     lines = _WORKER_LINES
     log = None if lines is None else (lambda msg: lines.put(f"{label} seed {cfg.seed}: {msg}"))
     try:
@@ -96,6 +101,15 @@ def _run_quietly(cfg: TrainConfig, keep_going: bool, label: str = "") -> list[di
         if not keep_going:
             raise
         return str(exc)
+    finally:
+        if lines is not None:
+            lines.put((_END, token))
+
+
+#: First item of the marker a worker puts after a run's last line.
+_END = "end-of-run"
+#: How long the parent waits for a finished run's end marker (its lines) before going on.
+_END_WAIT = 30.0
 
 
 def check_jobs(jobs: int) -> None:
@@ -153,11 +167,16 @@ def run_plan(
         with ProcessPoolExecutor(
             max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(lines,)
         ) as pool:
-            futures = [pool.submit(_run_quietly, cfg, keep_going, label) for label, cfg in plan]
+            futures = [
+                pool.submit(_run_quietly, cfg, keep_going, label, token)
+                for token, (label, cfg) in enumerate(plan)
+            ]
+            ended: set[int] = set()
             for i, ((label, cfg), future) in enumerate(zip(plan, futures, strict=True), start=1):
                 while not wait([future], timeout=None if lines is None else 0.2).done:
-                    _drain(lines, log)
-                _drain(lines, log)
+                    _drain(lines, log, ended)
+                if future.exception() is None:  # its last lines may still be on their way
+                    _drain(lines, log, ended, until=i - 1)
                 record(i, label, cfg, future.result())
     finally:
         if lines is not None:
@@ -165,16 +184,27 @@ def run_plan(
     return results
 
 
-def _drain(lines: Any, log: Log | None) -> None:
-    """Log the worker lines that have arrived (one line per epoch of every run)."""
-    if lines is None or log is None:
+def _drain(lines: Any, log: Log | None, ended: set[int], until: int | None = None) -> None:
+    """Log the worker lines that have arrived (one line per epoch of every run), noting the
+    runs whose end marker came; with ``until``, wait (at most :data:`_END_WAIT` s) until run
+    ``until``'s marker, i.e. all of its lines, has arrived."""
+    if lines is None:
         return
+    deadline = time.monotonic() + _END_WAIT
     while True:
+        waiting = until is not None and until not in ended
         try:
-            line = lines.get_nowait()
+            item = (
+                lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                if waiting
+                else (lines.get_nowait())
+            )
         except queue.Empty:
             return
-        log(line)
+        if isinstance(item, tuple) and item and item[0] == _END:
+            ended.add(item[1])
+        elif log is not None:
+            log(item)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
