@@ -442,3 +442,43 @@ def test_a_sampler_breaking_its_contract_is_one_line(tmp_path, monkeypatch, caps
     assert cli.main([*args, "--out", str(tmp_path / "run")]) == cli.EXIT_USER
     line = _one_line(capsys.readouterr().err)
     assert message in line and f"{module}:sample" in line
+
+
+def test_an_interrupt_during_a_checkpoint_write_arrives_after_the_file_is_in_place(tmp_path):
+    """A SIGTERM handler that raises (as ``train``'s does) must not fire inside torch.save's
+    zip writer, which turns it into a traceback of its own and leaves the new file unwritten:
+    the signal comes during the first bytes written, and is raised once the file is in place."""
+    from decorrelate.checkpoint import CHECKPOINT, atomic_write_bytes, load_checkpoint
+
+    class Stop(BaseException):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    class SignalOnFirstWrite:
+        def __init__(self, f):
+            self.f, self.sent = f, False
+
+        def write(self, data):
+            if not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGTERM)
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    path = tmp_path / CHECKPOINT
+    old = {"format": 1, "config": {}, "model": {"w": torch.zeros(3)}, "epoch": 1, "history": []}
+    atomic_write_bytes(path, lambda f: torch.save(old, f))
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stop):
+            atomic_write_bytes(
+                path, lambda f: torch.save({**old, "epoch": 2}, SignalOnFirstWrite(f))
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert load_checkpoint(tmp_path)["epoch"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left

@@ -9,13 +9,17 @@ that two runs never write into the same folder.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import re
+import signal
 import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +34,52 @@ ALIGNMENT = "alignment.jsonl"
 FORMAT_VERSION = 1
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(file_object)`` on a temp file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+#: Signals held back while a file is written (delivered as soon as it is in place).
+_DEFERRED = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT/SIGHUP back in the block (main thread), so that an interrupt raised
+    by a Python signal handler never lands inside a library's writer (``torch.save``'s zip
+    writer turns it into an error of its own, with a traceback): a signal that comes meanwhile
+    is recorded and raised again, to the original handler, once the block has ended. (Blocking
+    the signal with ``pthread_sigmask`` is not enough: another thread would take it.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {}
+    for sig in _DEFERRED:
+        handler = signal.getsignal(sig)
+        if callable(handler):  # Python-level handlers only; SIG_DFL/SIG_IGN stay as they are
+            previous[sig] = handler
+            signal.signal(sig, lambda signum, frame: pending.append(signum))
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call ``write(file_object)`` on a temp file beside ``path``, then rename it into place.
+
+    Interrupt signals are held back meanwhile: the file is either the old one or the new one,
+    and the interrupt then unwinds the run as usual."""
+    with _signals_deferred():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
