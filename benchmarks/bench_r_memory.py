@@ -89,10 +89,11 @@ def nbytes(model: nn.Module, only: Callable[[str], bool] = lambda name: True) ->
 
 def state_bytes(build: Callable[..., nn.Module], device="meta", method: str = "scaled") -> dict:
     """Bytes of ``state_dict()``: plain ("none"), decorrelated with a full R everywhere
-    ("full", ``block_above=None``) and with the default block-diagonal R ("default"), and R's
-    own share of each ("full_R", "default_R")."""
+    ("full", ``block_above=None``), with the default block-diagonal R ("default") and with
+    ``block_size=1024`` ("b1024"), R's own share of each ("full_R", ...) and the layouts."""
     out = {"none": nbytes(build(device=device))}
-    for label, options in [("full", {"block_above": None}), ("default", {})]:
+    variants = [("full", {"block_above": None}), ("default", {}), ("b1024", {"block_size": 1024})]
+    for label, options in variants:
         model = build(device=device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # batch norms etc. are not layers to decorrelate
@@ -117,16 +118,19 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="also torch.save real models")
     args = parser.parse_args()
     mb = 1e6
-    print("| model | params + buffers MB | + R full MB (of which R) | + R default MB (of which R) "
-          "| layers split by default (fan-in → blocks × size) |")  # fmt: skip
-    print("|---|---|---|---|---|")
+    print(
+        "| model | params + buffers MB | + R full MB (of which R) | + R default MB (of which R) "
+        "| + R block_size=1024 MB (of which R) | layers split by default (fan-in → blocks × size) |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, build in MODELS.items():
         s = state_bytes(build, method=args.method)
         split = [f"{d} → {k}×{b}" for d, k, b in s["default_layouts"] if k > 1]
         print(
             f"| {name} | {s['none'] / mb:.1f} | +{(s['full'] - s['none']) / mb:.1f} "
             f"({s['full_R'] / mb:.1f}) | +{(s['default'] - s['none']) / mb:.1f} "
-            f"({s['default_R'] / mb:.1f}) | {', '.join(split) or 'none'} |"
+            f"({s['default_R'] / mb:.1f}) | +{(s['b1024'] - s['none']) / mb:.1f} "
+            f"({s['b1024_R'] / mb:.1f}) | {', '.join(split) or 'none'} |"
         )
         if args.check:
             model = build(device="cpu")
