@@ -376,6 +376,24 @@ def test_attention_and_recurrent_projections_get_an_r_each_once_unrolled():
             decorrelate(model, "scaled")
 
 
+def test_decorrelating_after_a_rule_attached_its_hooks_is_refused():
+    """A wrapper computes W R x itself, so hooks on the wrapped layer (FA's routing) would
+    silently stop running: refused, naming the layer."""
+    from decorrelate.losses import Loss
+    from decorrelate.rules import FeedbackAlignment
+
+    model = nn.Sequential(OrderedDict(a=nn.Linear(4, 5), act=nn.Tanh(), b=nn.Linear(5, 3)))
+    FeedbackAlignment().attach(model, Loss("cross-entropy"), torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=r"'a', 'b' carry forward/backward hooks.*before attaching"):
+        decorrelate(model, "scaled")
+    plain = nn.Sequential(nn.Linear(4, 5))
+    handle = plain[0].register_forward_hook(lambda m, i, o: None)
+    with pytest.raises(UserError, match="hooks"):
+        decorrelate(plain)
+    handle.remove()
+    decorrelate(plain)
+
+
 # ----------------------------------------------------------------------------- small batches
 
 

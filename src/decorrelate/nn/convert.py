@@ -162,6 +162,13 @@ def decorrelate(
         if strict:
             raise UserError(message)
         warnings.warn(message, stacklevel=2)
+    hooked = [name or "the model" for name, (m, _) in candidates.items() if _has_hooks(m)]
+    if hooked:
+        raise UserError(
+            f"layer(s) {', '.join(map(repr, hooked))} carry forward/backward hooks (a learning "
+            "rule attached already?); a decorrelated layer computes W R x itself, so they would "
+            "never run again: call decorrelate() before attaching the rule"
+        )
     wrappers: dict[int, Decorrelator] = {}
     for name, (module, kind) in candidates.items():
         wrappers[id(module)] = wrapper_for(kind)(module, config, name, kind=kind)
@@ -174,6 +181,12 @@ def decorrelate(
         return wrappers[id(model)]
     _replace(model, wrappers)
     return model
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether hooks are registered on ``module`` itself (a wrapper would bypass them)."""
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(module, n, None) for n in names)
 
 
 def _replace(model: nn.Module, new: dict[int, nn.Module]) -> None:
