@@ -579,6 +579,24 @@ def test_fold_transposes_for_hf_conv1d_and_handles_a_bare_layer():
         fold(nn.Linear(2, 2))
 
 
+def test_the_real_hugging_face_conv1d_is_decorrelated_and_folded():
+    transformers = pytest.importorskip("transformers")
+    conv1d = transformers.pytorch_utils.Conv1D
+    torch.manual_seed(0)
+    model = nn.Sequential(conv1d(5, 6), nn.Tanh(), conv1d(3, 5))
+    x = torch.randn(4, 2, 6)
+    before = model(x).detach()
+    decorrelate(model, "scaled", strict=True)
+    torch.testing.assert_close(model(x), before)
+    for _, w in decorrelators(model):
+        with torch.no_grad():
+            w.R.add_(0.1 * torch.randn(w.R.shape))
+    folded = fold(model)
+    assert type(folded[0]) is conv1d
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_fold_of_bf16_layers_computes_in_float32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2))

@@ -1,4 +1,9 @@
-"""Decorrelated layers: z = R x in front of a Linear or Conv2d, with R learned by a local rule.
+"""Decorrelated layers: z = R x in front of a layer, with R learned by a local rule.
+
+Two wrappers cover every decorrelable :class:`~decorrelate.layers.LayerKind`:
+:class:`DecorLinear` for features-last layers (Linear and its subclasses, Hugging Face
+``Conv1D``, registered kinds) and :class:`DecorConv` for Conv1d/2d/3d (patches, any padding
+mode, groups: one block of R per group).
 
 The wrappers keep the original layer object (``.layer``, so its parameters keep their identity
 and any optimizer built before or after conversion sees the same tensors) and add R as a buffer.
@@ -9,7 +14,7 @@ Forward cost. R is applied in whichever order of products is cheaper:
 
 * Linear, large output (hidden layers): z = x Rᵀ, then W z — B·d² extra per call.
 * Linear, small output (a 10-way classifier): W_eff = W R, then W_eff x — out·d² extra.
-* Conv2d: always folded into the kernel, W_eff = W R (on the [C_out, C_in·kh·kw] view), so the
+* Convolutions: always folded into the kernel, W_eff = W R (on the [C_out, C_in·kh·kw] view), so the
   forward is one ordinary convolution; the naive unfold → R → conv path would cost
   (1 + 9·C_in/C_out)× the plain convolution.
 
