@@ -336,6 +336,15 @@ class TrainConfig:
         optional=True,
         group="rule",
     )
+    decor_block_above: int | None = opt(
+        4096,
+        "without --decor-block-size: block-diagonal R (blocks of at most 1024) on layers with "
+        "more than N inputs; none: full R everywhere, the paper's method",
+        "int",
+        check=positive,
+        optional=True,
+        group="rule",
+    )
     decor_exclude: str = opt(
         "",
         "comma-separated layer names (as in model.named_modules()) to leave undecorrelated",

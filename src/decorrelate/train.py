@@ -96,6 +96,7 @@ def build_network(config: TrainConfig, input_shape: tuple[int, ...], num_classes
             "sample_frac": config.decor_sample_frac,
             "demean": config.decor_demean,
             "max_samples": config.decor_max_samples,
+            "block_above": config.decor_block_above,
             "seed": config.seed,
         }
         if config.decor_var_floor is not None:

@@ -1,4 +1,4 @@
-"""What changes the forward pass: decorrelation before every Linear / Conv2d (Ahmad 2024).
+"""What changes the forward pass: decorrelation before every layer (Ahmad 2024).
 
 A layer's input x is decorrelated, z = R x (R square, a buffer starting at the identity, never
 trained by the task loss), before the layer computes W z + b. Once per training step, after the
@@ -9,8 +9,8 @@ Methods (:data:`METHODS`): ``copi``, ``dbp``, ``scaled`` (the default; the paper
 ``zca`` and ``newton`` (exact whitening yardsticks). See :mod:`decorrelate.nn.methods`.
 """
 
-from .convert import capturing, decorrelate, decorrelators, local_stats, local_update
-from .decorrelation import DecorConv2d, DecorLinear, Decorrelator
+from .convert import capturing, decorrelate, decorrelators, fold, local_stats, local_update
+from .decorrelation import DecorConv, DecorConv2d, DecorLinear, Decorrelator
 from .methods import DEFAULT_KAPPA, DEFAULT_LR, METHODS, DecorConfig
 
 __all__ = [
@@ -18,12 +18,14 @@ __all__ = [
     "DEFAULT_LR",
     "METHODS",
     "DecorConfig",
+    "DecorConv",
     "DecorConv2d",
     "DecorLinear",
     "Decorrelator",
     "capturing",
     "decorrelate",
     "decorrelators",
+    "fold",
     "local_stats",
     "local_update",
 ]

@@ -1,4 +1,9 @@
-"""Decorrelated layers: z = R x in front of a Linear or Conv2d, with R learned by a local rule.
+"""Decorrelated layers: z = R x in front of a layer, with R learned by a local rule.
+
+Two wrappers cover every decorrelable :class:`~decorrelate.layers.LayerKind`:
+:class:`DecorLinear` for features-last layers (Linear and its subclasses, Hugging Face
+``Conv1D``, registered kinds) and :class:`DecorConv` for Conv1d/2d/3d (patches, any padding
+mode, groups: one block of R per group).
 
 The wrappers keep the original layer object (``.layer``, so its parameters keep their identity
 and any optimizer built before or after conversion sees the same tensors) and add R as a buffer.
@@ -9,7 +14,7 @@ Forward cost. R is applied in whichever order of products is cheaper:
 
 * Linear, large output (hidden layers): z = x Rᵀ, then W z — B·d² extra per call.
 * Linear, small output (a 10-way classifier): W_eff = W R, then W_eff x — out·d² extra.
-* Conv2d: always folded into the kernel, W_eff = W R (on the [C_out, C_in·kh·kw] view), so the
+* Convolutions: always folded into the kernel, W_eff = W R (on the [C_out, C_in·kh·kw] view), so the
   forward is one ordinary convolution; the naive unfold → R → conv path would cost
   (1 + 9·C_in/C_out)× the plain convolution.
 
@@ -33,6 +38,7 @@ the clean pass. The last captured forward before an update is the one used.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,20 +47,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import TrainingDiverged, UserError
+from ..layers import ConvKind, LayerKind, LinearKind, kind_of
 from ..seeding import derive_seed
 from .methods import (
     EXACT,
     DecorConfig,
-    block_layout,
     coordinate_variance,
     ema_weight,
     learned_update,
     live_coordinates,
     newton_whitener,
+    r_layout,
     split_blocks,
     zca_whitener,
 )
 from .sampling import choose, conv_patches, gather_rows, global_rows, subsample_size
+
+#: Weight dtypes whose decorrelators compute (and keep R) in float32.
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _kind_of(layer: nn.Module) -> LayerKind:
+    kind = kind_of(layer)
+    if kind is None or not kind.decorrelable:
+        raise UserError(f"cannot decorrelate a {type(layer).__name__}: no decorrelable layer kind")
+    return kind
+
 
 #: How many recent sample rows a decorrelator keeps for :meth:`Decorrelator.stats`.
 STATS_ROWS = 512
@@ -82,20 +100,41 @@ class Decorrelator(nn.Module):
     R: Tensor
     num_updates: Tensor
 
-    def __init__(self, layer: nn.Module, in_features: int, config: DecorConfig, name: str) -> None:
+    def __init__(
+        self,
+        layer: nn.Module,
+        in_features: int,
+        config: DecorConfig,
+        name: str,
+        *,
+        groups: int = 1,
+        kind: LayerKind | None = None,
+    ) -> None:
         super().__init__()
         self.layer = layer
         self.config = config
         self.name = name or type(layer).__name__
+        #: The wrapped layer's :class:`~decorrelate.layers.LayerKind` (how to apply its weight).
+        self.kind = kind if kind is not None else _kind_of(layer)
         #: None: capture in training mode when autograd records; True/False: force on/off.
         self.capture: bool | None = None
         self._seed = derive_seed(config.seed, "decorrelation", self.name)
         self._sample: tuple[Tensor, Tensor | None] | None = None
+        self._warned_few = False
         weight = layer.weight
-        factory = {"dtype": weight.dtype, "device": weight.device}
+        # R and its statistics stay in float32 (or float64) when the layer is bf16/fp16: the
+        # updates and eigensolvers need the precision (see _apply).
+        dtype = torch.float32 if weight.dtype in HALF else weight.dtype
+        factory = {"dtype": dtype, "device": weight.device}
         d = in_features
         self.in_features = d
-        self.blocks, self.block = block_layout(d, config.block_size)
+        if d % groups:
+            raise UserError(f"layer '{self.name}': fan-in {d} does not split into {groups} groups")
+        #: A grouped convolution mixes inputs within its groups only: R is block-diagonal with
+        #: (at least) one block per group, so the blocks of group g act on the g-th chunk of x.
+        self.groups = groups
+        per_group, self.block = r_layout(d // groups, config)
+        self.blocks = groups * per_group
         eye = torch.eye(self.block, **factory)
         self.register_buffer("R", eye if self.blocks == 1 else eye.repeat(self.blocks, 1, 1))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long, device=weight.device))
@@ -119,6 +158,17 @@ class Decorrelator(nn.Module):
             )
 
     # ------------------------------------------------------------------ helpers for rules
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Decorrelator:
+        """``.to()``/``.half()``/``.bfloat16()`` move R and its statistics with the layer but keep
+        them in float32 (their values untouched) when they would become half precision."""
+        before = {k: b for k, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for key, old in before.items():
+            new = self._buffers[key]
+            if new is not None and new.dtype in HALF and old.dtype not in HALF:
+                self._buffers[key] = old.to(device=new.device)
+        return self
 
     @property
     def weight(self) -> Tensor:
@@ -147,13 +197,34 @@ class Decorrelator(nn.Module):
         """An error ``grad`` [..., d] at z = R x sent back to x: Rᵀ·grad (rows: grad R)."""
         return self._times(grad, transpose=False)
 
+    def _times_matrix(self, matrix: Tensor, transpose: bool) -> Tensor:
+        """A weight-shaped ``matrix`` times R (or Rᵀ), on the kind's [out, in/groups] view.
+
+        With groups, output rows of group g see only the g-th chunk of the input, so they meet
+        only the blocks of R that belong to group g.
+        """
+        kind, layer = self.kind, self.layer
+        if matrix.shape == kind.weight(layer).shape:
+            m = kind.as_matrix(layer, matrix)
+            back = lambda t: kind.from_matrix(layer, t)  # noqa: E731
+        else:  # already a [out, in/groups] matrix (or any [out, ...] view of one)
+            m = matrix.reshape(matrix.shape[0], -1)
+            back = lambda t: t.reshape(matrix.shape)  # noqa: E731
+        if self.groups == 1:
+            return back(self._times(m, transpose))
+        g, k = self.groups, self.blocks // self.groups
+        split = m.reshape(g, m.shape[0] // g, k, self.block)
+        R = self.R.to(m.dtype).reshape(g, k, self.block, self.block)
+        pattern = "gokb,gkcb->gokc" if transpose else "gokb,gkbc->gokc"
+        return back(torch.einsum(pattern, split, R).reshape(m.shape))
+
     def fold(self, matrix: Tensor) -> Tensor:
         """``matrix`` (shaped like the weight) times R: what the layer applies to its raw input.
 
         ``fold(weight)`` is the effective weight; ``fold(B)`` turns a feedback matrix B into the
         one that sends errors back through Rᵀ.
         """
-        return self.pull_back(matrix.reshape(matrix.shape[0], -1)).reshape(matrix.shape)
+        return self._times_matrix(matrix, transpose=False)
 
     def effective_weight(self) -> Tensor:
         """W R (differentiable in W): the layer is a plain layer with this weight on raw x."""
@@ -161,8 +232,7 @@ class Decorrelator(nn.Module):
 
     def weight_grad(self, effective_grad: Tensor) -> Tensor:
         """∂L/∂W from ∂L/∂W_eff: multiply by Rᵀ (for rules that write ``.grad`` themselves)."""
-        g = effective_grad.reshape(effective_grad.shape[0], -1)
-        return self.transform(g).reshape(effective_grad.shape)
+        return self._times_matrix(effective_grad, transpose=True)
 
     def local_weight_grad(
         self, kind: Any, inputs: Sequence[Tensor], errors: Sequence[Tensor]
@@ -197,10 +267,10 @@ class Decorrelator(nn.Module):
         For rules that run one batched forward over clean and noisy copies (node perturbation):
         they show the decorrelator the clean rows only, whatever the capture setting.
         """
-        if isinstance(self, DecorLinear):
-            self._capture(x.detach(), None)
-        else:
-            self._capture(x.detach())
+        self._capture(x.detach(), None)
+
+    def _capture(self, x: Tensor, z: Tensor | None) -> None:
+        raise NotImplementedError
 
     def clear_sample(self) -> None:
         """Forget the stored subsample (the next :meth:`update` is then a no-op)."""
@@ -208,8 +278,29 @@ class Decorrelator(nn.Module):
 
     # ------------------------------------------------------------------ learning
 
-    @torch.no_grad()
+    def _warn_few(self, n: int) -> None:
+        """Say once that a learned rule's subsample is too small for R to move."""
+        if self._warned_few:
+            return
+        self._warned_few = True
+        cfg = self.config
+        warnings.warn(
+            f"decorrelation of layer '{self.name}' learns R from {n} sample per step "
+            f"(sample_frac={cfg.sample_frac:g} of the batch, max_samples={cfg.max_samples}): "
+            f"{cfg.method} needs at least 2 to see any variance, so R will not move; raise "
+            "sample_frac (e.g. sample_frac=1.0, --decor-sample-frac 1) or max_samples, or train "
+            f"with batches of at least {math.ceil(1 / cfg.sample_frac)}",
+            stacklevel=3,
+        )
+
     def update(self) -> None:
+        """Update R from the stored subsample (see :meth:`_update`); outside autocast, as R's
+        statistics and eigensolvers need their own precision."""
+        device = self.R.device.type
+        with torch.no_grad(), torch.autocast(device, enabled=False):
+            self._update()
+
+    def _update(self) -> None:
         """Update R from the stored subsample with the configured method; no-op without one.
 
         Raises :class:`TrainingDiverged` if R becomes non-finite, if its RMS gain ‖R‖_F/√d
@@ -227,6 +318,8 @@ class Decorrelator(nn.Module):
         if cfg.method not in EXACT and (step + 1) % cfg.every:
             self.num_updates += 1
             return
+        if x.shape[0] < 2 and cfg.method not in EXACT:
+            self._warn_few(x.shape[0])
         gathered = gather_rows(x.to(R.dtype))
         if gathered.shape[0] != x.shape[0] or z is None or z.dtype != R.dtype:
             z = None  # recompute from the (gathered) raw samples
@@ -383,7 +476,9 @@ def _mean_abs_offdiag(samples: Tensor) -> float:
 
 
 class DecorLinear(Decorrelator):
-    """``a = W (R x) + b`` around an existing ``nn.Linear`` (``.layer``).
+    """``a = W (R x) + b`` around a features-last layer (``.layer``): ``nn.Linear`` or any
+    subclass with Linear's forward, Hugging Face's ``Conv1D`` (W stored [in, out]), or a
+    registered decorrelable kind whose input is [..., d]; the layer's kind applies the weight.
 
     Inputs of any shape [..., d] work; every row of the flattened input is a sample, a 2-D batch
     gives ⌊sample_frac·B⌋ + 1 of them (more dimensions: capped at ``max_samples``).
@@ -393,10 +488,15 @@ class DecorLinear(Decorrelator):
     for the input's gradient. Each call takes the cheaper one.
     """
 
-    layer: nn.Linear
-
-    def __init__(self, layer: nn.Linear, config: DecorConfig, name: str = "") -> None:
-        super().__init__(layer, layer.in_features, config, name)
+    def __init__(
+        self, layer: nn.Module, config: DecorConfig, name: str = "", kind: LayerKind | None = None
+    ) -> None:
+        kind = kind if kind is not None else _kind_of(layer)
+        out_features, in_features = kind.as_matrix(layer, kind.weight(layer)).shape
+        super().__init__(layer, in_features, config, name, kind=kind)
+        self.out_features = out_features
+        #: nn.Linear itself: one fused F.linear with the bias (the path the benchmarks measure).
+        self._fused = isinstance(kind, LinearKind)
         self.fold_weight: bool | None = config.fold
 
     def _fold_is_cheaper(self, x: Tensor) -> bool:
@@ -404,20 +504,27 @@ class DecorLinear(Decorrelator):
             return self.fold_weight
         grad = torch.is_grad_enabled()
         rows = x.numel() // max(1, x.shape[-1])
-        fold_cost = self.layer.out_features * (1 + int(grad and self.layer.weight.requires_grad))
+        fold_cost = self.out_features * (1 + int(grad and self.layer.weight.requires_grad))
         direct_cost = rows * (1 + int(grad and x.requires_grad))
         return fold_cost < direct_cost
+
+    def _linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        bias = self.kind.bias(self.layer)
+        if self._fused:
+            return F.linear(x, weight, bias)
+        out = self.kind.apply(self.layer, x, weight)
+        return out if bias is None else out + bias
 
     def forward(self, x: Tensor) -> Tensor:
         capture = self._capturing()
         if self._fold_is_cheaper(x):
             if capture:
                 self._capture(x, None)
-            return F.linear(x, self.fold(self.layer.weight), self.layer.bias)
+            return self._linear(x, self.fold(self.layer.weight))
         z = self.transform(x)
         if capture:
             self._capture(x, z)
-        return F.linear(z, self.layer.weight, self.layer.bias)
+        return self._linear(z, self.layer.weight)
 
     def local_weight_grad(self, kind, inputs, errors):
         """The cheaper order: decorrelate the inputs (rows·d²) when there are fewer rows than
@@ -425,12 +532,12 @@ class DecorLinear(Decorrelator):
         a = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
         e = torch.cat([t.reshape(-1, t.shape[-1]) for t in errors])
         a = a.to(e.dtype)
-        gw = e.T @ self.transform(a) if e.shape[1] >= a.shape[0] else self.weight_grad(e.T @ a)
-        return gw, kind._bias_grad(self.layer, errors)
+        gw = e.T @ self.transform(a) if e.shape[1] >= a.shape[0] else self.transform(e.T @ a)
+        return kind.from_matrix(self.layer, gw), kind._bias_grad(self.layer, errors)
 
     def local_input_grad(self, kind, delta, x, weight):
         # (δ B) R rather than δ (B R): rows·out·d + rows·d² instead of out·d² per step.
-        return self.pull_back(delta @ weight.to(delta.dtype))
+        return self.pull_back(delta @ kind.as_matrix(self.layer, weight.to(delta.dtype)))
 
     def _capture(self, x: Tensor, z: Tensor | None) -> None:
         d = self.in_features
@@ -448,43 +555,41 @@ class DecorLinear(Decorrelator):
         self._store(rows[idx], None if z is None else z.reshape(-1, d)[idx])
 
 
-class DecorConv2d(Decorrelator):
-    """A Conv2d whose C_in·kh·kw input patches are decorrelated by R, folded into the kernel.
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-    The forward is one ``F.conv2d`` with the effective kernel W R and the layer's own stride,
-    padding and dilation. The subsample is ⌊sample_frac·B⌋ + 1 images, from which at most
-    ``max_samples`` random patches (positions) are gathered (``max_samples=None``: every
-    position of those images, as the authors' code). Only ``groups=1`` and zero padding
-    are supported (others are refused at conversion).
+
+class DecorConv(Decorrelator):
+    """An ``nn.Conv1d``/``Conv2d``/``Conv3d`` whose input patches are decorrelated by R, folded
+    into the kernel: any stride, dilation, padding mode and groups (depthwise included).
+
+    The patch one output channel sees is C_in/groups · k₁·…·kₙ inputs of its group; R acts on
+    the whole C_in·k₁·…·kₙ patch and is block-diagonal with (at least) one block per group, as
+    the layer only mixes inputs within a group. The forward is one convolution with the
+    effective kernel W R and the layer's own stride, padding and dilation. The subsample is
+    ⌊sample_frac·B⌋ + 1 images, from which at most ``max_samples`` random patches (positions)
+    are gathered (``max_samples=None``: every position of those images, as the authors' code).
+    ``DecorConv2d`` is this class.
     """
 
-    layer: nn.Conv2d
-
-    def __init__(self, layer: nn.Conv2d, config: DecorConfig, name: str = "") -> None:
-        label = name or "Conv2d"
-        if layer.groups != 1:
-            raise UserError(
-                f"cannot decorrelate layer '{label}': grouped convolutions (groups="
-                f"{layer.groups}) are not supported; leave it out with exclude=[{label!r}]"
-            )
-        if layer.padding_mode != "zeros":
-            raise UserError(
-                f"cannot decorrelate layer '{label}': padding_mode={layer.padding_mode!r} is not "
-                f"supported (only 'zeros'); leave it out with exclude=[{label!r}]"
-            )
-        kh, kw = layer.kernel_size
-        super().__init__(layer, layer.in_channels * kh * kw, config, name)
+    def __init__(
+        self, layer: nn.Module, config: DecorConfig, name: str = "", kind: LayerKind | None = None
+    ) -> None:
+        kind = kind if kind is not None else _kind_of(layer)
+        patch = layer.in_channels * math.prod(layer.kernel_size)
+        super().__init__(layer, patch, config, name, groups=layer.groups, kind=kind)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._capturing():
-            self._capture(x)
+            self._capture(x, None)
         conv = self.layer
-        return F.conv2d(
-            x, self.effective_weight(), conv.bias, conv.stride, conv.padding, conv.dilation
+        x, pad = self.kind.padded(conv, x)
+        return _CONV[len(conv.kernel_size)](
+            x, self.effective_weight(), conv.bias, conv.stride, pad, conv.dilation, conv.groups
         )
 
-    def _capture(self, x: Tensor) -> None:
-        batch = x.detach() if x.dim() == 4 else x.detach().unsqueeze(0)
+    def _capture(self, x: Tensor, z: Tensor | None = None) -> None:
+        spatial = len(self.layer.kernel_size)
+        batch = x.detach() if x.dim() == spatial + 2 else x.detach().unsqueeze(0)
         step = int(self.num_updates)
         offset, total = global_rows(batch.shape[0], batch.shape[0], 1)  # images of the batch
         count = subsample_size(total, self.config.sample_frac)
@@ -499,3 +604,19 @@ class DecorConv2d(Decorrelator):
             image_offset=None if total == batch.shape[0] else offset,
         )
         self._store(patches, None)
+
+
+#: The name this wrapper had when it took Conv2d only.
+DecorConv2d = DecorConv
+
+#: Which wrapper a decorrelable layer kind gets: convolutions decorrelate their patches, every
+#: other kind (Linear, HF Conv1D, a registered kind) its last input dim.
+WRAPPER_OF_KIND: list[tuple[type[LayerKind], type[Decorrelator]]] = [(ConvKind, DecorConv)]
+
+
+def wrapper_for(kind: LayerKind) -> type[Decorrelator]:
+    """The wrapper class for a decorrelable ``kind``."""
+    for kind_type, wrapper in WRAPPER_OF_KIND:
+        if isinstance(kind, kind_type):
+            return wrapper
+    return DecorLinear

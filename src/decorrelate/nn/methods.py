@@ -60,6 +60,10 @@ DEFAULT_EVERY: dict[str, int] = {"copi": 1, "dbp": 1, "scaled": 1, "zca": 10, "n
 #: in its layer classes and command line and runs its experiments at 0.01 (with η 1e-4); pass
 #: ``kappa=0.01`` to reproduce them.
 DEFAULT_KAPPA = 0.5
+#: Fan-in above which R is block-diagonal by default (``block_above``), and the largest block
+#: it then uses. See :class:`DecorConfig`.
+DEFAULT_BLOCK_ABOVE = 4096
+AUTO_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -95,13 +99,22 @@ class DecorConfig:
       early, rank-deficient estimates are never inverted. The learned rules take one step every
       this many updates and skip the others entirely (no subsample work, no pass over R): a
       speed option that trades how fast R follows the input for less overhead per step.
-    * ``block_size`` (None): None keeps R a full d×d matrix (the paper's method). An integer makes
+    * ``block_size`` (None): None keeps R a full d×d matrix (the paper's method) up to
+      ``block_above`` (below). An integer makes
       R block-diagonal for layers whose fan-in d exceeds it: k equal blocks of size d/k, with k
       the smallest number of blocks ≥ d/block_size that divides d (see :func:`block_layout`).
       Each block is decorrelated as if it were a layer of its own (``scaled`` keeps one gain
       per block); correlations *between* blocks are left alone. z = R x then costs d·(d/k)
       instead of d² per sample — the option for very wide inputs such as a conv net's first
       fully connected layer. R is then stored as [k, d/k, d/k].
+    * ``block_above`` (4096; None: never): with ``block_size`` None, layers whose fan-in d (per
+      group, for a grouped convolution) exceeds this get a block-diagonal R anyway, with
+      blocks of at most ``min(1024, block_above)`` (:data:`AUTO_BLOCK`). A full R costs d²
+      numbers, d/out times the layer's own weight: 9× for a ResNet's 512-channel 3×3
+      convolutions (d = 4608), so a ResNet-18's state would grow 10× (README, "what R costs in
+      memory"). 4096 keeps a full R on every layer of the paper's networks (the MNIST MLP's 784
+      and 1000, the conv net's 3136-wide first fully connected layer). Pass
+      ``block_above=None`` for a full R everywhere (the paper's method).
     * ``blend`` (0.1, zca/newton): at each recompute R moves this fraction of the way to the
       exact whitening matrix (1 jumps there). Jumping from the identity to full whitening
       in the middle of training hands every layer an input it was not trained on (on an MNIST
@@ -131,6 +144,7 @@ class DecorConfig:
     iters: int = 20
     fold: bool | None = None
     block_size: int | None = None
+    block_above: int | None = DEFAULT_BLOCK_ABOVE
     seed: int = 0
 
     @classmethod
@@ -218,6 +232,12 @@ class DecorConfig:
                 isinstance(self.block_size, int) and self.block_size >= 1,
                 "a positive integer or None",
             )
+        if self.block_above is not None:
+            number(
+                "block_above",
+                isinstance(self.block_above, int) and self.block_above >= 1,
+                "a positive integer or None",
+            )
         if self.fold not in (None, True, False):
             raise UserError(f"decorrelation fold={self.fold!r} is invalid: None, True or False")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -241,6 +261,16 @@ def block_layout(d: int, block_size: int | None) -> tuple[int, int]:
     while d % k:
         k += 1
     return k, d // k
+
+
+def r_layout(d: int, cfg: DecorConfig) -> tuple[int, int]:
+    """(k, b) of R for a fan-in ``d`` under ``cfg``: ``block_size`` if given, else blocks of at
+    most ``min(AUTO_BLOCK, block_above)`` once d exceeds ``block_above`` (see DecorConfig)."""
+    if cfg.block_size is not None:
+        return block_layout(d, cfg.block_size)
+    if cfg.block_above is not None and d > cfg.block_above:
+        return block_layout(d, min(AUTO_BLOCK, cfg.block_above))
+    return 1, d
 
 
 def split_blocks(samples: Tensor, k: int) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..layers.kinds import conv_explicit_pad
 from ..seeding import make_generator
 
 
@@ -49,76 +50,99 @@ def choose(total: int, count: int, device: torch.device, seed: int, *tags: objec
     return torch.randperm(total, generator=gen)[:count].to(device)
 
 
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) zero padding of ``conv``, as ``F.pad`` takes it.
+def conv_pads(conv: nn.modules.conv._ConvNd) -> list[tuple[int, int]]:
+    """(before, after) zero padding of ``conv`` per spatial dim, in the input's dim order.
 
-    'same' puts the odd extra row/column at the end, as PyTorch's convolution does.
+    'same' puts the odd extra row/column at the end, as PyTorch's convolution does. Only
+    meaningful for ``padding_mode='zeros'`` (other modes are padded explicitly first).
     """
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0, 0, 0)
-        pads = []
-        for k, dil in zip(reversed(conv.kernel_size), reversed(conv.dilation), strict=True):
-            total = dil * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return (pads[0], pads[1], pads[2], pads[3])
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
+    if conv.padding == "valid":
+        return [(0, 0)] * len(conv.kernel_size)
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in conv.padding]
 
 
 def conv_patches(
     x: Tensor,
-    conv: nn.Conv2d,
+    conv: nn.modules.conv._ConvNd,
     count: int | None,
     seed: int,
     step: int,
     images: Tensor | None = None,
     image_offset: int | None = None,
 ) -> Tensor:
-    """``count`` random patches [count, C·kh·kw] of batch ``x``, as ``conv`` sees them.
+    """``count`` random patches [count, C·k₁·…·kₙ] of batch ``x``, as ``conv`` sees them.
 
-    ``count=None`` takes every position of the chosen images, in order (image, row, column).
+    Any ``nn.Conv1d``/``Conv2d``/``Conv3d``: stride, dilation, every padding mode, groups (the
+    patch spans all C input channels, in channel order, so group g's inputs are the g-th
+    contiguous chunk of it). ``count=None`` takes every position of the chosen images, in order
+    (image, then output positions in row-major order).
 
     ``images`` indexes the batch elements to sample from (default: all). With ``image_offset``
     (a rank's shard of a global batch), ``images`` are global indices and ``x`` holds the
     images from ``image_offset`` on: the patches are chosen among all ``images`` and only those
     of images in ``x`` are returned, so the ranks' patches together are the single-process
-    choice. Patches are gathered straight from ``x`` with one flat index (positions in the zero
-    padding read as 0), so no image is copied, padded or unfolded. The flattening order
-    (channel, row, column) matches ``conv.weight.reshape(C_out, -1)`` and ``F.unfold``. At most
-    all k·H_out·W_out patches are returned.
+    choice. With zero padding, patches are gathered straight from ``x`` with one flat index
+    (positions in the padding read as 0), so no image is copied, padded or unfolded; other
+    padding modes (reflect, replicate, circular) pad the batch explicitly first. The flattening
+    order (channel, kernel offsets) matches ``conv.weight.reshape(C_out, -1)`` and ``F.unfold``.
+    At most all k·H_out·W_out(·D_out) patches are returned.
     """
+    if conv.padding_mode != "zeros":
+        x = conv_explicit_pad(conv, x)
+        pads = [(0, 0)] * len(conv.kernel_size)
+    else:
+        pads = conv_pads(conv)
     x = x.contiguous()
-    batch, channels, height, width = x.shape
-    left, right, top, bottom = conv_padding(conv)
-    kh, kw = conv.kernel_size
-    sh, sw = conv.stride
-    dh, dw = conv.dilation
-    out_h = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+    batch, channels, *sizes = x.shape
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    out = [
+        (size + before + after - dil * (k - 1) - 1) // st + 1
+        for size, (before, after), k, st, dil in zip(
+            sizes, pads, kernel, stride, dilation, strict=True
+        )
+    ]
+    per_image = math.prod(out)
     device = x.device
     if images is None:
         images = torch.arange(batch, device=device)
-    total = images.numel() * out_h * out_w
+    total = images.numel() * per_image
     pos = choose(total, total if count is None else count, device, seed, step, "positions")
-    img = images[pos // (out_h * out_w)]
-    rem = pos % (out_h * out_w)
+    img = images[pos // per_image]
+    rem = pos % per_image
     if image_offset is not None:
         img = img - image_offset
         mine = (img >= 0) & (img < batch)
         img, rem = img[mine], rem[mine]
-    rows = (rem // out_w * sh - top).unsqueeze(1) + torch.arange(kh, device=device) * dh
-    cols = (rem % out_w * sw - left).unsqueeze(1) + torch.arange(kw, device=device) * dw
-    inside = ((rows >= 0) & (rows < height)).unsqueeze(2) & ((cols >= 0) & (cols < width))[
-        :, None, :
-    ]  # [n, kh, kw]
-    chan = torch.arange(channels, device=device)
-    flat = (
-        ((img[:, None, None, None] * channels + chan[None, :, None, None]) * height)
-        + rows.clamp(0, height - 1)[:, None, :, None]
-    ) * width + cols.clamp(0, width - 1)[:, None, None, :]
-    patches = x.reshape(-1)[flat] * inside.unsqueeze(1)
-    return patches.reshape(img.numel(), channels * kh * kw)
+    n_dims = len(sizes)
+    # per spatial dim: the input coordinates [n, k_i] each patch reads
+    coords = []
+    for i in reversed(range(n_dims)):
+        coords.append(
+            (rem % out[i] * stride[i] - pads[i][0]).unsqueeze(1)
+            + torch.arange(kernel[i], device=device) * dilation[i]
+        )
+        rem = rem // out[i]
+    coords.reverse()
+
+    def spread(t: Tensor, i: int) -> Tensor:
+        """[n, k_i] → [n, 1, …, k_i, …, 1] over the n kernel dims (after the channel dim)."""
+        shape = [t.shape[0], 1] + [1] * n_dims
+        shape[2 + i] = t.shape[1]
+        return t.reshape(shape)
+
+    inside = None
+    flat = (img[:, None] * channels + torch.arange(channels, device=device)).reshape(
+        [img.numel(), channels] + [1] * n_dims
+    )
+    for i, (c, size) in enumerate(zip(coords, sizes, strict=True)):
+        ok = spread((c >= 0) & (c < size), i)
+        inside = ok if inside is None else inside & ok
+        flat = flat * size + spread(c.clamp(0, size - 1), i)
+    patches = x.reshape(-1)[flat] * inside
+    return patches.reshape(img.numel(), channels * math.prod(kernel))
 
 
 def gather_rows(rows: Tensor) -> Tensor:
