@@ -26,15 +26,6 @@ from .decorrelation import Decorrelator, wrapper_for
 from .methods import DecorConfig
 
 
-def _unroll() -> Any:
-    """``decorrelate.layers.unroll`` where it exists (recurrent and attention modules → Linear)."""
-    try:
-        from ..layers import unroll  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return unroll
-
-
 def _overrides_forward(module: nn.Module, kind: LayerKind) -> bool:
     """Whether ``module`` subclasses a torch layer class (Linear, Conv2d, ...) but computes
     something else: a built-in kind's ``apply`` is that class's forward, so R could not be folded
@@ -109,7 +100,7 @@ def decorrelate(
     ``Conv3d`` with any stride, dilation, padding mode and groups (a grouped or depthwise
     convolution gets a block-diagonal R, one block per group), Hugging Face's ``Conv1D``, and
     registered decorrelable kinds. Recurrent and attention modules are first turned into Linear
-    layers by :func:`decorrelate.layers.unroll` (where available), so their projections get an
+    layers by :func:`decorrelate.layers.unroll`, so their projections get an
     R each.
 
     Works in place and returns ``model`` (a bare layer cannot be changed in place: its wrapper
@@ -144,9 +135,9 @@ def decorrelate(
     excluded = {exclude} if isinstance(exclude, str) else set(exclude)
     if decorrelators(model):
         raise UserError("the model is already decorrelated; convert a fresh model instead")
-    unroll = _unroll()
-    if unroll is not None:
-        model = unroll(model)
+    from ..layers import unroll  # recurrent and attention modules → Linear layers
+
+    model = unroll(model)
     candidates, left_out = _plan(model, excluded)
     unknown = sorted(excluded - {name for name, _ in model.named_modules()})
     if unknown:
