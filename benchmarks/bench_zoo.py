@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import os
 import platform
@@ -173,9 +174,14 @@ def mnist_task(arch: str, data_dir: str | None, held: int) -> Task:
 
 
 def make_task(arch: str, args: argparse.Namespace) -> Task:
+    """The real task of ``arch``, with only the sizes its builder takes."""
     if arch in VISION:
-        return mnist_task(arch, args.data_dir, args.held_out)
-    return text_task(arch, args.seq_len, args.held_out)
+        task = mnist_task(arch, args.data_dir, args.held_out)
+    else:
+        task = text_task(arch, args.seq_len, args.held_out)
+    accepted = inspect.signature(zoo.ZOO[arch].build).parameters
+    task.sizes = {k: v for k, v in task.sizes.items() if k in accepted}
+    return task
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -314,20 +320,31 @@ def state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def r_bytes(model: nn.Module) -> int:
+    """Bytes of the decorrelation matrices R alone (the buffers named ``R``)."""
+    return sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith(".R"))
+
+
 def r_memory(archs: list[str], args) -> list[dict]:
+    """Per model: state bytes without decorrelation, with full R and with block-diagonal R
+    (each also as "of which R": the rest are the decorrelators' running statistics and their
+    diagnostic ring buffer of sample rows)."""
     rows = []
     for arch in archs:
         sizes = make_task(arch, args).sizes
         build = zoo.ZOO[arch].build
-        row = {"arch": arch, "plain": state_bytes(build(**sizes))}
+        row: dict = {"arch": arch, "plain": state_bytes(build(**sizes))}
         for label, options in (
             ("full R", {}),
             (f"block {args.block_size}", {"block_size": args.block_size}),
         ):
             try:
-                row[label] = state_bytes(dc.nn.decorrelate(build(**sizes), "scaled", **options))
+                model = dc.nn.decorrelate(build(**sizes), "scaled", **options)
+                row[label] = state_bytes(model)
+                row[f"{label}: of which R"] = r_bytes(model)
             except Exception as exc:
                 row[label] = _one_line(exc)
+                row[f"{label}: of which R"] = None
         rows.append(row)
     return rows
 
@@ -468,16 +485,15 @@ def main() -> None:
             "|---|" + "---:|" * len(labels),
         ]
         for r in rows:
-            md.append(
-                f"| {r['arch']} | "
-                + " | ".join(
-                    f"{r[k] / 1024:.1f}" + (f" ({r[k] / r['plain']:.1f}×)" if k != "plain" else "")
-                    if isinstance(r[k], int)
-                    else str(r[k])
-                    for k in labels
-                )
-                + " |"
-            )
+            cells = []
+            for k in labels:
+                v = r[k]
+                if isinstance(v, int):
+                    ratio = "" if k == "plain" or "of which" in k else f" ({v / r['plain']:.1f}×)"
+                    cells.append(f"{v / 1024:.1f}{ratio}")
+                else:
+                    cells.append("n/a" if v is None else str(v))
+            md.append(f"| {r['arch']} | " + " | ".join(cells) + " |")
         write_outputs(out, "r_memory", rows, "\n".join(md) + "\n", meta)
         return
     rules, decors = args.rules.split(","), args.decors.split(",")
