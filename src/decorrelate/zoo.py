@@ -542,11 +542,6 @@ class ZooEntry:
 
         return Loss("cross-entropy", **self.loss_kwargs)
 
-    @property
-    def sequence(self) -> bool:
-        """Whether the targets are per token ([B, T] next-token indices)."""
-        return self.batch is token_batch
-
 
 #: Every architecture of the zoo, by name.
 ZOO: dict[str, ZooEntry] = {
