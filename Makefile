@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned to the local CPU build (never let pip pick a CUDA build)
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,plot]'
+	# zoo: transformers for the Hugging Face zoo tests (~20 s, does not re-resolve torch)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,plot,zoo]'
 	touch $(STAMP)
 
 demo: $(STAMP)
