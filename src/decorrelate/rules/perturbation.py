@@ -74,6 +74,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -663,6 +664,47 @@ def refuse_compiled(model: nn.Module) -> None:
             )
 
 
+def _shared_layers(
+    model: nn.Module, layers: list[tuple[str, nn.Module]], x: Tensor
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The layers (name, output shape) whose output's dim 0 does not follow the batch, found
+    from forwards of the first 1 and 2 samples of ``x`` (eval mode, no graph; the global random
+    state and every module's mode are put back)."""
+    if x.dim() == 0 or x.shape[0] < 2:
+        return []
+    seen: dict[str, list[tuple[int, ...]]] = {}
+    handles = []
+    for name, module in layers:
+
+        def hook(mod, args, out, name=name):
+            if isinstance(out, Tensor):
+                seen.setdefault(name, []).append(tuple(out.shape))
+
+        handles.append(module.register_forward_hook(hook))
+    modes = {m: m.training for m in model.modules()}
+    cpu_rng = torch.get_rng_state()
+    try:
+        model.eval()
+        with torch.no_grad():
+            for n in (1, 2):
+                model(x[:n])
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+        torch.set_rng_state(cpu_rng)
+    shared = []
+    for name, shapes in seen.items():
+        half = len(shapes) // 2
+        if half and any(
+            a[:1] != (1,) or b[:1] != (2,)
+            for a, b in zip(shapes[:half], shapes[half:], strict=True)
+        ):
+            shared.append((name, shapes[-1]))
+    return shared
+
+
 class NodePerturbation(LearningRule):
     """Classic node perturbation (``np``); :class:`IterativeNP`, :class:`ActivityNP` refine it."""
 
@@ -692,6 +734,7 @@ class NodePerturbation(LearningRule):
         self.layers: list[tuple[str, nn.Module]] = []
         self.loose: list[tuple[str, Tensor]] = []
         self._found: tuple[int, ...] | None = None
+        self._probed = False
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -722,15 +765,43 @@ class NodePerturbation(LearningRule):
     ) -> None:
         super().attach(model, loss, generator)
         refuse_compiled(model)
-        self._find(model)  # find_layers unrolls recurrent/attention modules into layers
+        self._find(model, example)  # find_layers unrolls recurrent/attention modules
 
-    def _find(self, model: nn.Module) -> None:
-        """The layers and loose parameters, found again whenever the model's modules change."""
+    def _find(self, model: nn.Module, x: Any = None) -> None:
+        """The layers and loose parameters, found again whenever the model's modules change.
+
+        A layer whose output does not follow the batch (a positional embedding looked up with
+        positions [T] and broadcast over the samples) has no per-sample node to perturb: its
+        parameters are trained like loose parameters (weight perturbation), with a warning.
+        Such layers are told apart by two forwards of 1 and 2 samples of ``x`` (no graph, eval
+        mode, so no statistics move): a per-sample output's dim 0 follows the batch, a shared
+        one's does not (a shape test on one batch would be fooled when T equals the batch).
+        """
         key = tuple(map(id, model.modules()))
-        if key != self._found:
-            self.layers = find_layers(model, norms=True)
-            self.loose = loose_parameters(model)
-            self._found = key
+        if key == self._found and (x is None or self._probed):
+            return
+        layers = find_layers(model, norms=True)
+        shared = _shared_layers(model, layers, x) if isinstance(x, Tensor) else []
+        self._probed = isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] >= 2
+        if shared:
+            warnings.warn(
+                "node perturbation: the output of "
+                + ", ".join(f"{name} {shape}" for name, shape in shared)
+                + " does not hold one row per sample; its parameters are trained by weight "
+                "perturbation, like parameters outside every layer",
+                stacklevel=3,
+            )
+        names = {name for name, _ in shared}
+        self.layers = [(n, m) for n, m in layers if n not in names]
+        extra = [
+            (f"{n}.{pn}", p)
+            for n, m in layers
+            if n in names
+            for pn, p in m.named_parameters()
+            if p.requires_grad
+        ]
+        self.loose = loose_parameters(model) + extra
+        self._found = key
 
     def passes(self) -> int:
         """Forward passes per step: one clean and K noisy ones."""
@@ -739,7 +810,7 @@ class NodePerturbation(LearningRule):
     # -------------------------------------------------------------- the step
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         refuse_compiled(model)
-        self._find(model)  # cheap, and follows a model changed after attach
+        self._find(model, x)  # cheap, and follows a model changed after attach
         if self.generator is None:  # the noise must not come from the replayed global state
             seed = int(torch.randint(0, 2**62, (1,)))
             device = x.device if isinstance(x, Tensor) else "cpu"
