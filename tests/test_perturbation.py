@@ -972,3 +972,32 @@ def test_normalize_flags_on_the_command_line():
     assert parsed("--no-normalize") == "unit"  # the former boolean flag keeps working
     assert parsed("--config", "np-authors") == "unit"
     assert parsed("--config", "np-authors", "--normalize", "standard") == "standard"
+
+
+def test_a_layer_whose_output_does_not_depend_on_the_batch_is_weight_perturbed():
+    """A positional table looked up with [T] positions and broadcast over the samples has no
+    per-sample node: once its output's dim 0 is seen not to be the batch, it is checked (same
+    output with 1 and 2 samples), warned about and trained by weight perturbation."""
+
+    class PosModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(7, 4), nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.tok(x) + self.pos(torch.arange(x.shape[1]))
+            return self.head(torch.tanh(h).mean(1))
+
+    torch.manual_seed(0)
+    model = PosModel().double()
+    # (with T equal to the batch the table's output would pass for per-sample rows: a known gap)
+    x = torch.randint(0, 7, (6, 5))
+    y = torch.randint(0, 3, (6,))
+    rule = get_rule("np", sigma=1e-3)
+    rule.attach(model, Loss(), torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"pos \(5, 4\) does not depend on the batch"):
+        rule.backward(model, x, y)
+    assert [n for n, _ in rule.layers] == ["tok", "head"]
+    assert [n for n, _ in rule.loose] == ["pos.weight"]
+    assert model.pos.weight.grad is not None and model.pos.weight.grad.abs().sum() > 0

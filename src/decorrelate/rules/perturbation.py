@@ -525,10 +525,11 @@ class _Passes:
             rec.order.append(index)
             if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != self.batch:
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise UserError(
+                raise _NotPerSample(
+                    name,
                     f"layer {name} returned {shape}, whose dim 0 is not the batch "
                     f"({self.batch}); node perturbation needs every layer's output to hold the "
-                    "samples in dim 0 (e.g. batch_first=True)"
+                    "samples in dim 0 (e.g. batch_first=True)",
                 )
             if spec.inputs:
                 a = args[0] if args else next(iter(kwargs.values()))
@@ -664,10 +665,18 @@ def refuse_compiled(model: nn.Module) -> None:
             )
 
 
+class _NotPerSample(Exception):
+    """A layer's output did not hold the batch in dim 0 (raised from inside a pass)."""
+
+    def __init__(self, layer: str, message: str) -> None:
+        super().__init__(message)
+        self.layer, self.message = layer, message
+
+
 def _shared_layers(
     model: nn.Module, layers: list[tuple[str, nn.Module]], x: Tensor
 ) -> list[tuple[str, tuple[int, ...]]]:
-    """The layers (name, output shape) whose output's dim 0 does not follow the batch, found
+    """The layers (name, output shape) whose output does not depend on the batch size, found
     from forwards of the first 1 and 2 samples of ``x`` (eval mode, no graph; the global random
     state and every module's mode are put back)."""
     if x.dim() == 0 or x.shape[0] < 2:
@@ -697,10 +706,8 @@ def _shared_layers(
     shared = []
     for name, shapes in seen.items():
         half = len(shapes) // 2
-        if half and any(
-            a[:1] != (1,) or b[:1] != (2,)
-            for a, b in zip(shapes[:half], shapes[half:], strict=True)
-        ):
+        pairs = zip(shapes[:half], shapes[half:], strict=True)
+        if half and all(a == b for a, b in pairs):  # the same with 1 and 2 samples
             shared.append((name, shapes[-1]))
     return shared
 
@@ -734,7 +741,7 @@ class NodePerturbation(LearningRule):
         self.layers: list[tuple[str, nn.Module]] = []
         self.loose: list[tuple[str, Tensor]] = []
         self._found: tuple[int, ...] | None = None
-        self._probed = False
+        self._shared: set[str] = set()
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -765,43 +772,53 @@ class NodePerturbation(LearningRule):
     ) -> None:
         super().attach(model, loss, generator)
         refuse_compiled(model)
-        self._find(model, example)  # find_layers unrolls recurrent/attention modules
+        self._find(model)  # find_layers unrolls recurrent/attention modules
 
-    def _find(self, model: nn.Module, x: Any = None) -> None:
+    def _find(self, model: nn.Module) -> None:
         """The layers and loose parameters, found again whenever the model's modules change.
 
-        A layer whose output does not follow the batch (a positional embedding looked up with
-        positions [T] and broadcast over the samples) has no per-sample node to perturb: its
-        parameters are trained like loose parameters (weight perturbation), with a warning.
-        Such layers are told apart by two forwards of 1 and 2 samples of ``x`` (no graph, eval
-        mode, so no statistics move): a per-sample output's dim 0 follows the batch, a shared
-        one's does not (a shape test on one batch would be fooled when T equals the batch).
-        """
+        Layers in ``_shared`` (outputs that do not depend on the batch, see
+        :meth:`_learn_shared`) are trained like loose parameters (weight perturbation)."""
         key = tuple(map(id, model.modules()))
-        if key == self._found and (x is None or self._probed):
+        if key == self._found:
             return
         layers = find_layers(model, norms=True)
-        shared = _shared_layers(model, layers, x) if isinstance(x, Tensor) else []
-        self._probed = isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] >= 2
-        if shared:
-            warnings.warn(
-                "node perturbation: the output of "
-                + ", ".join(f"{name} {shape}" for name, shape in shared)
-                + " does not hold one row per sample; its parameters are trained by weight "
-                "perturbation, like parameters outside every layer",
-                stacklevel=3,
-            )
-        names = {name for name, _ in shared}
-        self.layers = [(n, m) for n, m in layers if n not in names]
+        shared = self._shared
+        self.layers = [(n, m) for n, m in layers if n not in shared]
         extra = [
             (f"{n}.{pn}", p)
             for n, m in layers
-            if n in names
+            if n in shared
             for pn, p in m.named_parameters()
             if p.requires_grad
         ]
         self.loose = loose_parameters(model) + extra
         self._found = key
+
+    def _learn_shared(self, model: nn.Module, x: Any, name: str) -> bool:
+        """Whether layer ``name``, whose output's dim 0 was not the batch, has an output that
+        does not depend on the batch at all (a positional table looked up with [T] positions
+        and broadcast over the samples): the same shape in forwards of 1 and 2 samples of
+        ``x``. If so it has no per-sample node and is trained by weight perturbation from now
+        on, with a warning. A layer whose output holds the batch elsewhere (sequence first)
+        is not, and gets the error. Known gap: a table looked up with T positions where T equals
+        the batch size passes the dim-0 check and is taken for per-sample rows."""
+        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] < 2:
+            return False
+        shared = dict(_shared_layers(model, find_layers(model, norms=True), x))
+        if name not in shared:
+            return False
+        warnings.warn(
+            "node perturbation: the output of "
+            + ", ".join(f"{n} {shape}" for n, shape in shared.items())
+            + " does not depend on the batch; its parameters are trained by weight "
+            "perturbation, like parameters outside every layer",
+            stacklevel=3,
+        )
+        self._shared |= set(shared)
+        self._found = None
+        self._find(model)
+        return True
 
     def passes(self) -> int:
         """Forward passes per step: one clean and K noisy ones."""
@@ -810,7 +827,7 @@ class NodePerturbation(LearningRule):
     # -------------------------------------------------------------- the step
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         refuse_compiled(model)
-        self._find(model, x)  # cheap, and follows a model changed after attach
+        self._find(model)  # cheap, and follows a model changed after attach
         if self.generator is None:  # the noise must not come from the replayed global state
             seed = int(torch.randint(0, 2**62, (1,)))
             device = x.device if isinstance(x, Tensor) else "cpu"
@@ -818,13 +835,20 @@ class NodePerturbation(LearningRule):
         injector = _Injector(
             self.sampler, self.sigma, self.generator, self.noise_name, keep=not self.inaccessible
         )
-        run = _Passes(model, x, y, self.loss, self.layers, self.loose, injector)
-        try:
-            with torch.no_grad():
-                losses, raw = self.learn(run)
-                run.finish()
-        finally:
-            run.close()
+        for attempt in range(2):
+            run = _Passes(model, x, y, self.loss, self.layers, self.loose, injector)
+            start = run.rng.get()
+            try:
+                with torch.no_grad():
+                    losses, raw = self.learn(run)
+                    run.finish()
+                break
+            except _NotPerSample as err:
+                if attempt or not self._learn_shared(model, x, err.layer):
+                    raise UserError(err.message) from None
+                run.rng.set(start)  # the clean pass stopped at that layer: start again
+            finally:
+                run.close()
         return StepOutput(losses.mean().detach(), self.loss.select(raw).detach())
 
     def learn(self, run: _Passes) -> tuple[Tensor, Any]:
