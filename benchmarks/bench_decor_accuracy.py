@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from decorrelate.compare import _dir_name, run_label, run_plan
 
 from bench_groups import run_spec
 from decorrelate import make_config
-from decorrelate.compare import _dir_name, run_label, run_plan
 from decorrelate.config import TrainConfig
 
 #: η values tried per method (see decorrelate.nn.methods.DEFAULT_LR for the defaults' reasons).

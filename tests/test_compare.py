@@ -1,6 +1,11 @@
 import json
 
-from decorrelate.compare import reference_target, speedup_lines, summarise, time_to_accuracy
+from decorrelate.experiments.compare import (
+    reference_target,
+    speedup_lines,
+    summarise,
+    time_to_accuracy,
+)
 
 
 def hist(accs, secs_per_epoch=2.0):
@@ -32,32 +37,6 @@ def test_speedup_relative_to_the_first_group():
     assert lines[1].startswith("fa did not reach bp's best test accuracy (90.00 %)")
 
 
-def test_parallel_runs_match_sequential_ones_and_divergence_can_be_kept_going(tiny, tmp_path):
-    import pytest
-
-    from decorrelate import make_config
-    from decorrelate.compare import run_plan
-    from decorrelate.errors import TrainingDiverged
-
-    def plan(root):
-        ok = make_config({**tiny, "epochs": 1, "out": str(root / "ok")})
-        bad = ok.replace(optimizer="sgd", lr=1e30, momentum=0.0, out=str(root / "bad"))
-        return [
-            ("ok", ok),
-            ("ok+scaled", ok.replace(decor="scaled", out=str(root / "d"))),
-            ("bad", bad),
-        ]
-
-    seq = run_plan(plan(tmp_path / "seq"), jobs=1, log=None, progress=False, keep_going=True)
-    par = run_plan(plan(tmp_path / "par"), jobs=2, log=None, keep_going=True)
-    assert seq[2] is None and par[2] is None  # the diverged run, reported not raised
-    for a, b in zip(seq[:2], par[:2], strict=True):  # worker processes train bit-identically
-        assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
-        assert [r["test_acc"] for r in a] == [r["test_acc"] for r in b]
-    with pytest.raises(TrainingDiverged):
-        run_plan(plan(tmp_path / "raise")[2:], jobs=1, log=None, progress=False)
-
-
 def test_angle_plot_only_when_angles_were_logged(tmp_path):
     from decorrelate.plotting import angle_keys, plot_angles
 
@@ -71,20 +50,8 @@ def test_angle_plot_only_when_angles_were_logged(tmp_path):
     assert plot_angles({"bp": [hist([0.1, 0.5])]}, tmp_path / "none") == []
 
 
-def test_runs_saved_before_an_option_existed_are_still_recognised(tiny):
-    from decorrelate import make_config
-    from decorrelate.compare import _same_run
-
-    cfg = make_config(tiny)
-    saved = cfg.to_dict()
-    del saved["alignment_every"]  # as if saved by a version without this option
-    assert _same_run(saved, cfg)
-    assert not _same_run({**saved, "lr": 0.5}, cfg)
-    assert not _same_run(saved, cfg.replace(alignment_every=7))
-
-
 def test_demo_trains_both_groups_at_their_own_learning_rates(tiny, tmp_path):
-    from decorrelate.compare import DEMO_GROUPS, run_demo
+    from decorrelate.experiments.compare import DEMO_GROUPS, run_demo
 
     small = {k: v for k, v in tiny.items() if k not in ("out", "epochs")}
     summary = run_demo(epochs=1, out=tmp_path / "demo", progress=False, overrides=small)
@@ -102,7 +69,7 @@ def test_a_finished_runs_last_lines_are_logged_before_its_result():
     import queue
     import threading
 
-    from decorrelate import compare
+    from decorrelate.experiments import runner
 
     lines: queue.Queue = queue.Queue()
     logged: list[str] = []
@@ -110,9 +77,9 @@ def test_a_finished_runs_last_lines_are_logged_before_its_result():
     def late_feeder() -> None:
         threading.Event().wait(0.3)  # the result was already returned
         lines.put("np seed 0: epoch 2/2")
-        lines.put((compare._END, 0))
+        lines.put((runner._END, 0))
 
     threading.Thread(target=late_feeder).start()
     ended: set[int] = set()
-    compare._drain(lines, logged.append, ended, until=0)
+    runner._drain(lines, logged.append, ended, until=0)
     assert logged == ["np seed 0: epoch 2/2"] and ended == {0}

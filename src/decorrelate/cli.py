@@ -342,7 +342,7 @@ def _parse_sweeps(items: Sequence[str]) -> dict[str, list[str]]:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import run_grid
+    from .experiments.compare import run_grid
 
     base = _config_from_args(args)
     seeds = []
@@ -399,7 +399,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .compare import run_demo
+    from .experiments.compare import run_demo
 
     summary = run_demo(
         epochs=args.epochs,
