@@ -53,6 +53,11 @@ PAPERS = {
 }
 
 
+#: Names of single experiments that ``reproduce`` also accepts: name → (paper, plan name).
+#: (The Align suites were run by these names before the papers were.)
+ALIASES: dict[str, tuple[str, str]] = {}
+
+
 def paper_names() -> tuple[str, ...]:
     return tuple(PAPERS)
 
@@ -72,8 +77,12 @@ def reproduce(
     jobs: int = 1,
     log: Log | None = print,
     progress: bool | None = None,
+    only: str | None = None,
 ) -> tuple[Table, list[Path]]:
-    """Run paper ``name`` at ``scale`` into ``out``; its claims table and the files written."""
+    """Run paper ``name`` at ``scale`` into ``out``; its claims table and the files written.
+
+    ``only`` names one of the paper's plans to run alone (its claims then judge what they can).
+    """
     from ... import checkpoint as ckpt
 
     if scale not in SCALES:
@@ -82,6 +91,11 @@ def reproduce(
     paper = get_paper(name)
     root = Path(out)
     plans = paper.plans(scale, root)  # built (and validated) before anything runs
+    if only is not None:
+        names = [plan.name for plan in plans]
+        if only not in names:
+            raise UserError(f"{paper.name} has no experiment {only!r}; it has: {', '.join(names)}")
+        plans = [plan for plan in plans if plan.name == only]
     root = ckpt.prepare_out_dir(root)
     results: dict[str, list[Result]] = {}
     for plan in plans:
