@@ -75,7 +75,10 @@ def test_parallel_runs_match_sequential_ones_and_divergence_can_be_kept_going(ti
     with pytest.raises(TrainingDiverged):
         run_plan(_runs(tiny, tmp_path / "raise")[2:], log=None, progress=False)
     # a diverged run is a result: asked again, it is not trained again
+    bad = tmp_path / "seq" / "bad"
+    stamps = {p.name: p.stat().st_mtime_ns for p in bad.iterdir()}
     again = run_plan(_runs(tiny, tmp_path / "seq")[2:], log=None, keep_going=True)
+    assert {p.name: p.stat().st_mtime_ns for p in bad.iterdir()} == stamps
     assert again[0].diverged == seq[2].diverged
     with pytest.raises(TrainingDiverged):
         run_plan(_runs(tiny, tmp_path / "seq")[2:], log=None)
