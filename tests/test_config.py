@@ -68,3 +68,78 @@ def test_replace_validates():
     assert cfg.replace(seed=3).seed == 3
     with pytest.raises(UserError):
         cfg.replace(seed=-1)
+
+
+# ----------------------------------------------------------------------------- any schema
+
+
+def _toy_schema():
+    """A small option set declared like TrainConfig: the machinery is not TrainConfig's own."""
+    from dataclasses import dataclass
+
+    from decorrelate.options import at_least, opt
+    from decorrelate.schema import Options
+
+    @dataclass
+    class Toy(Options):
+        size: int = opt(3, "a size", "int", check=at_least(2), group="shape")
+        mode: str = opt("fast", "a mode", "str", choices=("fast", "slow"), group="shape")
+        scales: list[float] = opt([1.0], "scales", "floats", group="other")
+        long_label: str | None = opt(None, "a label", "str", optional=True, group="other")
+        flag: bool = opt(False, "a switch", "bool", group="other")
+
+        def check(self) -> None:
+            if self.mode == "slow" and self.size > 10:
+                raise UserError("slow mode takes size <= 10")
+
+    return Toy
+
+
+def test_the_machinery_serves_any_option_dataclass(tmp_path):
+    import argparse
+
+    from decorrelate import schema
+
+    Toy = _toy_schema()
+    assert schema.make(Toy) == Toy()
+    cfg = Toy.make({"size": "4", "scales": "0.5,2"}, {"mode": "slow", "long-label": "none"})
+    assert (cfg.size, cfg.mode, cfg.scales, cfg.long_label) == (4, "slow", [0.5, 2.0], None)
+    assert cfg.replace(size=5).size == 5 and cfg.size == 4
+    for values, message in (
+        ({"sise": 3}, "unknown option 'sise'; valid options: size, mode, scales, long-label, flag"),
+        ({"size": 1}, "invalid value for size: 1 (must be >= 2)"),
+        ({"mode": "medium"}, "invalid value for mode: 'medium'; choose one of: fast, slow"),
+        ({"flag": "maybe"}, "invalid value for flag: 'maybe' (expected true or false)"),
+        ({"mode": "slow", "size": 11}, "slow mode takes size <= 10"),
+        ({"long_label": "a", "long-label": "b"}, "option long-label is given twice"),
+    ):
+        with pytest.raises(UserError) as err:
+            Toy.make(values)
+        assert message in str(err.value) and "\n" not in str(err.value)
+    path = tmp_path / "toy.yaml"
+    path.write_text("size: 6\nmode: slow\n")
+    parser = argparse.ArgumentParser()
+    schema.add_flags(parser, Toy)
+    args = parser.parse_args(["--size", "7", "--flag", "--scales", "3,4"])
+    given = schema.given_flags(args, Toy)
+    assert given == {"size": "7", "flag": True, "scales": "3,4"}  # only the flags given
+    cfg = Toy.make(schema.load_config_file(path), given)
+    assert (cfg.size, cfg.mode, cfg.flag, cfg.scales) == (7, "slow", True, [3.0, 4.0])
+    assert schema.given_flags(parser.parse_args(["--no-flag"]), Toy) == {"flag": False}
+
+
+def test_train_offers_only_the_rules_it_can_train():
+    from decorrelate.config import choices_of
+    from decorrelate.rules import available_rules
+
+    rules = choices_of("rule")
+    assert "bp" in rules and "np" in rules and "dnp" in rules
+    fixed_point = set(available_rules("fixedpoint"))
+    assert fixed_point == {"euclidean", "bptt", "reparam", "linearized", "linearized-g"}
+    assert not fixed_point & set(rules)
+    assert fixed_point < set(available_rules())  # still registered (get_rule works)
+    for name in sorted(fixed_point):
+        with pytest.raises(UserError) as err:
+            make_config({"rule": name})
+        message = str(err.value)
+        assert f"decorrelate fixedpoint --rule {name}" in message and "\n" not in message

@@ -74,8 +74,13 @@ class FixedPointRule(LearningRule):
     """Base of the fixed-point rules: solve, drop non-converged samples, fill ``W.grad``."""
 
     forward_only: ClassVar[bool] = True
+    #: They train a :class:`RateRNN`, which ``decorrelate fixedpoint`` builds (not ``train``).
+    command: ClassVar[str] = "fixedpoint"
     #: True for rules defined only for the identity activation.
     requires_linear: ClassVar[bool] = False
+    #: True when the update *is* the Euclidean gradient ∇_W L (the loop's angle reference):
+    #: its angle to that reference is 0 by definition, not measured.
+    is_euclidean_gradient: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -137,6 +142,8 @@ class FixedPointRule(LearningRule):
 @register_rule("euclidean")
 class Euclidean(FixedPointRule):
     """Gradient descent in W: ∂L/∂W by implicit differentiation (batched adjoint solves)."""
+
+    is_euclidean_gradient: ClassVar[bool] = True
 
     def direction(self, model: RateRNN, fp: FixedPoint, delta: Tensor) -> Tensor:
         W = model.W.detach()

@@ -79,6 +79,11 @@ class LearningRule:
     #: DistributedDataParallel all-reduces as it runs; False: the rule writes ``.grad`` itself
     #: and the training loop all-reduces it explicitly (see :mod:`decorrelate.distributed`).
     ddp_autograd: ClassVar[bool] = False
+    #: The ``decorrelate`` command that trains with this rule: ``train`` (and ``compare``) for a
+    #: rule that trains any network; a rule that needs a model only another command builds (the
+    #: fixed-point rules' rate networks: ``fixedpoint``) names that command, and ``train`` does
+    #: not offer it.
+    command: ClassVar[str] = "train"
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
@@ -173,10 +178,14 @@ _LISTING_ORDER = (
 )
 
 
-def available_rules() -> tuple[str, ...]:
-    """Names of the registered rules: the families in a fixed order, then any others."""
+def available_rules(command: str | None = None) -> tuple[str, ...]:
+    """Names of the registered rules: the families in a fixed order, then any others.
+
+    With ``command`` only the rules that command trains (:attr:`LearningRule.command`).
+    """
     known = [n for n in _LISTING_ORDER if n in _REGISTRY]
-    return (*known, *(n for n in _REGISTRY if n not in _LISTING_ORDER))
+    names = (*known, *(n for n in _REGISTRY if n not in _LISTING_ORDER))
+    return tuple(n for n in names if command is None or _REGISTRY[n].command == command)
 
 
 def rule_class(name: str) -> type[LearningRule]:
