@@ -143,3 +143,70 @@ def test_train_offers_only_the_rules_it_can_train():
             make_config({"rule": name})
         message = str(err.value)
         assert f"decorrelate fixedpoint --rule {name}" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- rule options
+
+
+def test_rule_options_are_declared_beside_their_rules():
+    import dataclasses
+
+    from decorrelate import schema
+    from decorrelate.config import FIELDS, TrainOptions
+    from decorrelate.rules import rule_options
+    from decorrelate.rules.align import AlignOptions, LastLayerOptions
+    from decorrelate.rules.feedback import FEEDBACK_INITS, FeedbackOptions
+    from decorrelate.rules.perturbation import PerturbationOptions
+
+    declared = {
+        FeedbackOptions: {"feedback_init", "feedback_scale", "feedback_straight_through"},
+        PerturbationOptions: {"np_sigma", "np_samples", "np_noise", "np_inaccessible"},
+        AlignOptions: {"align_bn_mixing"},
+        LastLayerOptions: {"readout"},
+    }
+    assert set(declared) <= set(rule_options())
+    generic = set(schema.fields_of(TrainOptions))
+    for options, names in declared.items():
+        assert set(schema.fields_of(options)) == names
+        assert not names & generic  # declared once, by the family
+        for name in names:  # and part of TrainConfig under the same flat name
+            assert FIELDS[name].metadata == schema.fields_of(options)[name].metadata
+    assert set(FIELDS) == generic | set().union(*declared.values())
+    assert list(FIELDS)[: len(generic)] == list(schema.fields_of(TrainOptions))
+    assert choices_of_field("feedback_init") == FEEDBACK_INITS
+    cfg = make_config({"feedback-init": "weight", "np_sigma": "0.01", "readout": "fc"})
+    assert (cfg.feedback_init, cfg.np_sigma, cfg.readout) == ("weight", 0.01, "fc")
+    assert dataclasses.is_dataclass(cfg)
+    # each family's options are an option set of their own as well
+    assert PerturbationOptions.make({"np-samples": 4}).np_samples == 4
+    with pytest.raises(UserError, match=r"invalid value for np-samples: 0 \(must be > 0\)"):
+        make_config({"np_samples": 0})
+    with pytest.raises(UserError, match=r"invalid value for np-noise: 'x\.npz'.*one of: gaussian"):
+        make_config({"np_noise": "x.npz"})
+
+
+def choices_of_field(name: str):
+    from decorrelate.config import choices_of
+
+    return choices_of(name)
+
+
+def test_shorthand_rules_are_registered_by_their_family():
+    from decorrelate.rules import shorthands
+
+    assert {k: v[0] for k, v in shorthands().items()} == {"dnp": "np", "dinp": "inp", "danp": "anp"}
+    cfg = make_config({"rule": "dinp"})
+    assert (cfg.rule, cfg.decor, cfg.decor_lr, cfg.decor_sample_frac) == ("inp", "copi", 1e-3, 1.0)
+    cfg = make_config({"rule": "danp", "decor_lr": 0.01})  # each implied option can be overridden
+    assert (cfg.rule, cfg.decor, cfg.decor_lr, cfg.decor_sample_frac) == ("anp", "copi", 0.01, 1.0)
+    cfg = make_config({"rule": "dnp", "decor": "scaled"})  # another method: nothing implied
+    assert (cfg.rule, cfg.decor, cfg.decor_lr, cfg.decor_sample_frac) == ("np", "scaled", None, 0.1)
+
+
+def test_alignment_score_needs_a_rule_that_gives_the_true_gradient(tiny):
+    from decorrelate import train
+    from decorrelate.rules import rule_class
+
+    assert rule_class("bp").exact_gradient and not rule_class("fa").exact_gradient
+    with pytest.raises(UserError, match="--alignment-score measures BP training"):
+        train(make_config(tiny, {"rule": "fa", "alignment_score": True, "epochs": 0}))

@@ -1,9 +1,16 @@
-"""The one configuration system: a dataclass of every training option.
+"""The options of a training run: :class:`TrainConfig`, a dataclass of every training option.
 
 The same :class:`TrainConfig` is filled from defaults, then a YAML/JSON file (``--config``), then
-command-line flags (which are generated from the fields below, so a new option is added in one
+command-line flags (which are generated from the fields, so a new option is added in one
 place). Unknown keys and invalid values are rejected with the list of valid choices. The resolved
 config (with model-specific defaults filled in) is saved as ``config.json`` next to every run.
+The machinery (merging, coercion, validation, files, flags) is :mod:`decorrelate.schema`, shared
+with the other option sets (``decorrelate fixedpoint``'s).
+
+TrainConfig is assembled from the generic options (:class:`TrainOptions`, below) and the options
+each rule family declares beside its rules (:func:`decorrelate.rules.register_options`, e.g.
+``feedback_*`` in :mod:`decorrelate.rules.feedback`); the names stay flat, so a config file or a
+flag names every option alike.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from . import schema
-from .errors import UserError
 from .options import (
     all_positive,
     betas_ok,
@@ -26,11 +32,13 @@ from .options import (
     opt,
     positive,
 )
+from .rules import available_rules, rule_class, rule_options, shorthands
 from .schema import Options, check_no_repeats
 
 __all__ = [
     "FIELDS",
     "TrainConfig",
+    "TrainOptions",
     "all_positive",
     "betas_ok",
     "check_no_repeats",
@@ -70,14 +78,6 @@ def _activations() -> tuple[str, ...]:
     return ACTIVATIONS
 
 
-#: Rule names that are shorthands for a rule plus decorrelation: paper 2's decorrelated NP
-#: variants, as the authors' code runs them: the copi rule at decorrelation learning rate 1e-3,
-#: with R learned from the whole batch (``decor_sample_frac`` 1.0; our default elsewhere is
-#: ⌊0.1·B⌋ + 1 samples, paper 1's choice). Each can still be overridden.
-RULE_SHORTHANDS = {"dnp": "np", "dinp": "inp", "danp": "anp"}
-SHORTHAND_DECOR = {"decor": "copi", "decor_lr": 1e-3, "decor_sample_frac": 1.0}
-
-
 def _normalizations() -> tuple[str, ...]:
     from .data import NORMALIZATIONS
 
@@ -92,15 +92,11 @@ def _weight_inits() -> tuple[str, ...]:
 
 def _rules() -> tuple[str, ...]:
     """The rules a training run can use (not those of another command, e.g. fixedpoint)."""
-    from .rules import available_rules
-
-    return (*available_rules("train"), *RULE_SHORTHANDS)
+    return (*available_rules("train"), *shorthands())
 
 
 def _check_rule(value: str) -> str | None:
     """Point a rule of another command (a fixed-point rule) to that command."""
-    from .rules import available_rules, rule_class
-
     if value not in available_rules():
         return None  # unknown: the list of choices says what there is
     command = rule_class(value).command
@@ -110,15 +106,18 @@ def _check_rule(value: str) -> str | None:
 
 
 def expand_shorthands(values: dict[str, Any]) -> dict[str, Any]:
-    """``rule: danp`` → ``rule: anp`` with copi decorrelation unless another method is given."""
-    rule = values.get("rule")
-    if rule not in RULE_SHORTHANDS:
+    """A shorthand rule (:func:`~decorrelate.rules.register_shorthand`) → its rule, with the
+    decorrelation it implies unless another method is given (``rule: danp`` → ``rule: anp``,
+    ``decor: copi``, ``decor_lr: 1e-3``, ``decor_sample_frac: 1.0``, each option unless given)."""
+    implied = shorthands().get(str(values.get("rule")))
+    if implied is None:
         return values
-    values = {**values, "rule": RULE_SHORTHANDS[rule]}
+    rule, decorrelation = implied
+    values = {**values, "rule": rule}
     if values.get("decor", "none") == "none":
-        values["decor"] = SHORTHAND_DECOR["decor"]
-        for key in ("decor_lr", "decor_sample_frac"):
-            values.setdefault(key, SHORTHAND_DECOR[key])
+        values["decor"] = decorrelation["decor"]
+        for key, value in decorrelation.items():
+            values.setdefault(key, value)
     return values
 
 
@@ -126,29 +125,6 @@ def _decor_methods() -> tuple[str, ...]:
     from .nn import METHODS
 
     return ("none", *METHODS)
-
-
-def _feedback_inits() -> tuple[str, ...]:
-    from .rules.feedback import FEEDBACK_INITS
-
-    return FEEDBACK_INITS
-
-
-def _check_noise(value: Any) -> str | None:
-    """Checks the form of a noise source; never imports (see :func:`code_references`)."""
-    from .rules.perturbation import NOISES, resolve_noise_spec
-
-    try:
-        resolve_noise_spec(value)
-    except UserError as exc:
-        return f"{exc}; or one of: {', '.join(NOISES)}"
-    return None
-
-
-def _names_code(value: Any) -> bool:
-    from .rules.perturbation import is_import_spec
-
-    return is_import_spec(value)
 
 
 def _losses() -> tuple[str, ...]:
@@ -165,8 +141,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
-class TrainConfig(Options):
-    """Every option of a training run. See ``decorrelate train --help`` for the same list."""
+class TrainOptions(Options):
+    """The generic options of a training run (TrainConfig adds the rule families' own)."""
 
     # data
     dataset: str = opt("mnist", "dataset", "str", choices=_datasets, group="data")
@@ -340,68 +316,6 @@ class TrainConfig(Options):
         "str",
         group="rule",
     )
-    feedback_init: str = opt(
-        "uniform",
-        "fa/dfa: how feedback matrices are drawn (weight: B = W, FA then equals BP)",
-        "str",
-        choices=_feedback_inits,
-        group="rule",
-    )
-    feedback_scale: float = opt(
-        1.0,
-        "fa/dfa: feedback scale relative to the forward init",
-        "float",
-        check=positive,
-        group="rule",
-    )
-    feedback_straight_through: bool = opt(
-        False,
-        "fa: straight-through activations in the backward pass (f' := 1; paper 1's 'DFA')",
-        "bool",
-        group="rule",
-    )
-    np_sigma: float = opt(
-        1e-3, "np/inp/anp: noise scale sigma", "float", check=positive, group="rule"
-    )
-    np_samples: int = opt(
-        1,
-        "np/inp/anp: noisy passes K per clean pass (per layer for inp)",
-        "int",
-        check=positive,
-        group="rule",
-    )
-    np_noise: str = opt(
-        "gaussian",
-        "np/inp/anp: noise source: gaussian, bernoulli, centred-bernoulli, a recorded trace "
-        "(FILE.pt/.npy/.txt, replayed in order, scaled by sigma) or a sampler "
-        "module:function(shape, generator, device, dtype)",
-        "str",
-        check=_check_noise,
-        group="rule",
-        code=_names_code,
-    )
-    np_inaccessible: bool = opt(
-        False,
-        "anp: the noise cannot be read; learn from pairs of noisy passes, no clean pass",
-        "bool",
-        group="rule",
-    )
-    align_bn_mixing: str = opt(
-        "real",
-        "align-ada: where the twin's backward signal enters a layer followed by batch norm: "
-        "real (after the norm, then through the network's own batch statistics, as the authors' "
-        "code) or twin (at the layer output, through the twin's batch norm)",
-        "str",
-        choices=("real", "twin"),
-        group="rule",
-    )
-    readout: str = opt(
-        "",
-        "last-layer: the layer to train, a name from model.named_modules() (default: the layer "
-        "called last in the forward pass)",
-        "str",
-        group="rule",
-    )
     alignment_every: int = opt(
         0,
         "every N steps log the angle between each layer's update and the BP gradient (0: off)",
@@ -479,7 +393,15 @@ class TrainConfig(Options):
         group="run",
     )
 
-    # ------------------------------------------------------------------ helpers
+
+@dataclass
+class TrainConfig(*reversed(rule_options()), TrainOptions):  # type: ignore[misc]
+    """Every option of a training run. See ``decorrelate train --help`` for the same list.
+
+    The fields are :class:`TrainOptions`' followed by those of each rule family's registered
+    options (:func:`decorrelate.rules.rule_options`), in registration order.
+    """
+
     @classmethod
     def prepare(cls, values: dict[str, Any]) -> dict[str, Any]:
         return expand_shorthands(values)

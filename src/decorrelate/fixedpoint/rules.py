@@ -78,9 +78,6 @@ class FixedPointRule(LearningRule):
     command: ClassVar[str] = "fixedpoint"
     #: True for rules defined only for the identity activation.
     requires_linear: ClassVar[bool] = False
-    #: True when the update *is* the Euclidean gradient ∇_W L (the loop's angle reference):
-    #: its angle to that reference is 0 by definition, not measured.
-    is_euclidean_gradient: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -143,7 +140,8 @@ class FixedPointRule(LearningRule):
 class Euclidean(FixedPointRule):
     """Gradient descent in W: ∂L/∂W by implicit differentiation (batched adjoint solves)."""
 
-    is_euclidean_gradient: ClassVar[bool] = True
+    #: The update is ∇_W L itself, the loop's angle reference (its angle is 0, not measured).
+    exact_gradient: ClassVar[bool] = True
 
     def direction(self, model: RateRNN, fp: FixedPoint, delta: Tensor) -> Tensor:
         W = model.W.detach()

@@ -44,6 +44,7 @@ saved with the model and needs nothing extra.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
@@ -84,6 +85,10 @@ class LearningRule:
     #: fixed-point rules' rate networks: ``fixedpoint``) names that command, and ``train`` does
     #: not offer it.
     command: ClassVar[str] = "train"
+    #: True when ``.grad`` is the exact gradient of the loss (backprop; the fixed-point
+    #: ``euclidean`` rule): the reference other rules are measured against, and what the
+    #: diagnostics that assume the true gradient (``--alignment-score``) need.
+    exact_gradient: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
@@ -201,6 +206,50 @@ def rule_class(name: str) -> type[LearningRule]:
 def get_rule(name: str, **options: Any) -> LearningRule:
     """Instantiate the rule registered as ``name`` with keyword options."""
     return rule_class(name)(**options)
+
+
+_OPTIONS: list[type] = []
+
+
+def register_options(cls: type) -> type:
+    """Class decorator: a rule family's options, an option dataclass (:mod:`decorrelate.schema`).
+
+    Its fields become fields of :class:`decorrelate.config.TrainConfig` (same flat names, flags
+    and config-file keys), so the options are declared beside the rules that read them (in
+    :meth:`LearningRule.from_config`). Families register when :mod:`decorrelate.rules` is
+    imported, before the config is assembled.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} must be a dataclass of opt() fields")
+    if cls not in _OPTIONS:
+        _OPTIONS.append(cls)
+    return cls
+
+
+def rule_options() -> tuple[type, ...]:
+    """The option dataclasses registered by the rule families, in registration order."""
+    return tuple(_OPTIONS)
+
+
+#: Shorthand rule name → (rule, options the shorthand implies): see :func:`register_shorthand`.
+_SHORTHANDS: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def register_shorthand(name: str, rule: str, decorrelation: dict[str, Any]) -> None:
+    """Make ``name`` a shorthand for ``rule`` with decorrelation.
+
+    ``decorrelation`` holds the ``decor`` method and the decor_* options it implies; they apply
+    when the run asks for no decorrelation method of its own, each option unless given
+    (:func:`decorrelate.config.expand_shorthands`).
+    """
+    if "decor" not in decorrelation:
+        raise ValueError(f"shorthand {name!r} needs a decor method")
+    _SHORTHANDS[name] = (rule, dict(decorrelation))
+
+
+def shorthands() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The registered shorthand rule names: name → (rule, implied decorrelation options)."""
+    return dict(_SHORTHANDS)
 
 
 def accumulate_grad(param: Tensor | None, grad: Tensor) -> None:
