@@ -21,7 +21,6 @@ from ..errors import UserError
 from ..plotting import _pyplot
 from .config import FixedPointConfig
 from .rules import FIXEDPOINT_RULES
-from .solver import SolverConfig
 from .tasks import RunOutcome, json_safe, run_task
 
 Log = Callable[[str], None]
@@ -120,9 +119,8 @@ def load_outcome(run_dir: str | Path) -> RunOutcome:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{run_dir} is not a finished fixed-point run ({err})") from None
-    config["solver"] = SolverConfig(**config["solver"])
     outcome = RunOutcome(
-        config=FixedPointConfig(**config),
+        config=FixedPointConfig.from_dict(config),
         rows=ckpt.read_metrics(run_dir),
         diverged=summary.get("diverged"),
         diverged_at=summary.get("diverged_at"),
@@ -139,7 +137,8 @@ def _finished_run(run_dir: Path, cfg: FixedPointConfig) -> RunOutcome | None:
         return None
     try:
         saved = json.loads((run_dir / ckpt.CONFIG).read_text())
-    except (OSError, json.JSONDecodeError):
+        saved = json_safe(FixedPointConfig.from_dict(saved).to_dict())  # earlier layouts too
+    except (OSError, json.JSONDecodeError, UserError):
         return None
     if saved != json_safe(cfg.resolved().to_dict()):
         return None
