@@ -120,3 +120,19 @@ def test_decor_accuracy_benchmark_tunes_on_validation_then_runs_the_selection_ov
     groups = json.loads((tmp_path / "out" / "synthetic" / "results.json").read_text())["groups"]
     assert [g["label"] for g in groups] == list(spec["groups"])
     assert all(g["seeds"] == 2 for g in groups) and "synthetic" in summaries
+
+
+def test_select_best_reproduces_the_committed_decor_accuracy_selection():
+    # the committed tuning grid (one seed, validation split) chosen again by select_best
+    grid = json.loads((ROOT / "benchmarks/results/decor_accuracy_mlp/grid.json").read_text())
+    results = []
+    for row in grid["rows"]:
+        axes = {"decor": row["method"], "lr": row["lr"], "seed": 0}
+        if row["decor_lr"] is not None:
+            axes["decor_lr"] = row["decor_lr"]
+        run = Run("train", {}, axes, Path("/x") / row["label"], row["label"])
+        summary = {"best_val_acc": row["val_acc"], "best_test_acc": 1.0 - row["val_acc"]}
+        results.append(Result(run, summary=summary, diverged="x" if row["diverged"] else None))
+    best = select_best(results, by=("decor",))
+    selected = {k[0]: v for k, v in chosen(best, ("lr", "decor_lr")).items()}
+    assert selected == grid["selected"]
