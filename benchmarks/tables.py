@@ -21,12 +21,18 @@ whose groups hold ``[mean, sample std]`` pairs over seeds, or a tuning ``grid.js
               ``key`` (default ``best_test_acc``) in %, mean ± std; ``diff=gap`` adds the first
               group's mean minus each row's after each column, ``diff=gain`` the opposite;
               ``seconds=D`` adds the first file's median seconds per epoch
-              (``epoch_seconds.json`` beside it) with ``D`` decimals.
+              (``epoch_seconds.json`` beside it) with ``D`` decimals. Files of several
+              experiments over one dataset share its column. ``rows="a;b"`` (every view over
+              groups) picks and orders the rows.
 ``grid``      one file: best and final test accuracy, median seconds per epoch
               (``epoch_seconds.json`` beside it), epochs and seconds to the first group's best
               seed-mean accuracy with their ratio to the first group's.
 ``tuning``    a ``grid.json`` of ``bench_decor_accuracy.py``: each method's selected (lr, η), its
               best validation accuracy and the worst cell of its grid.
+``epochs``    from the histories in ``results.json``: test accuracy at ``epochs=3,10,20`` (default
+              the last), mean ± std over seeds, ``best`` adds the best over epochs, ``loss`` the
+              training loss at the last epoch shown; ``run=0`` shows the first finished seed
+              alone instead (histories are kept in seed order).
 ``file``      the table rows of a markdown summary a benchmark wrote itself (``*.md``), verbatim.
 
     python benchmarks/tables.py            # rewrite BENCHMARKS.md
@@ -39,6 +45,7 @@ import argparse
 import json
 import re
 import shlex
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -102,18 +109,33 @@ def _header(titles: list[str]) -> list[str]:
     return [_row(titles), "|---|" + "---:|" * (len(titles) - 1)]
 
 
+def _rows(labels: list[str], options: dict[str, str]) -> list[str]:
+    """The row labels: ``rows="a;b;c"`` picks and orders them (each must exist)."""
+    if "rows" not in options:
+        return labels
+    wanted = [label.strip() for label in options["rows"].split(";") if label.strip()]
+    missing = [label for label in wanted if label not in labels]
+    if missing:
+        raise TableError(f"rows {missing} are in none of the summaries (known: {labels})")
+    return wanted
+
+
 def view_datasets(root: Path, paths: list[str], options: dict[str, str]) -> str:
     """See the module docstring (``datasets``)."""
     key = options.get("key", "best_test_acc")
     diff = options.get("diff")
     if diff not in (None, "gap", "gain"):
         raise TableError(f"diff must be gap or gain, got {diff!r}")
-    files = [{g["label"]: g for g in _load(root, p)["groups"]} for p in paths]
-    labels = list(files[0])
-    most = max(g["seeds"] for groups in files for g in groups.values())
-    titles = [options.get("first", "run")]
+    columns: dict[str, dict[str, Any]] = {}  # dataset -> label -> group (files merged)
     for path in paths:
-        titles.append(f"{_dataset(path)} {options.get('unit', key.replace('_', ' ') + ' (%)')}")
+        merged = columns.setdefault(_dataset(path), {})
+        for group in _load(root, path)["groups"]:
+            merged.setdefault(group["label"], group)
+    labels = _rows(list(dict.fromkeys(label for c in columns.values() for label in c)), options)
+    most = max(g["seeds"] for groups in columns.values() for g in groups.values())
+    titles = [options.get("first", "run")]
+    for dataset in columns:
+        titles.append(f"{dataset} {options.get('unit', key.replace('_', ' ') + ' (%)')}")
         if diff:
             titles.append(diff)
     seconds = None
@@ -123,12 +145,12 @@ def view_datasets(root: Path, paths: list[str], options: dict[str, str]) -> str:
     lines = _header(titles)
     for label in labels:
         cells = [label]
-        for groups in files:
+        for groups in columns.values():
             group = groups.get(label)
             cells.append("diverged" if group is None else _pct(group[key], group["seeds"], most))
             if diff:
-                first = next(iter(groups.values()))
-                if group is None:
+                first = groups.get(labels[0])
+                if group is None or first is None:
                     cells.append("")
                 elif group is first:
                     cells.append("—")
@@ -138,6 +160,44 @@ def view_datasets(root: Path, paths: list[str], options: dict[str, str]) -> str:
         if seconds is not None:
             value = seconds.get(label)
             cells.append("" if value is None else f"{value:.{int(options['seconds'])}f}")
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float], scale: float, digits: int) -> str:
+    text = f"{statistics.fmean(values) * scale:.{digits}f}"
+    if len(values) > 1:
+        text += f" ± {statistics.stdev(values) * scale:.{digits}f}"
+    return text
+
+
+def view_epochs(root: Path, paths: list[str], options: dict[str, str]) -> str:
+    """See the module docstring (``epochs``)."""
+    histories: dict[str, list[list[dict[str, Any]]]] = {}
+    for path in paths:
+        for label, runs in _load(root, path)["histories"].items():
+            histories.setdefault(label, runs)
+    labels = _rows(list(histories), options)
+    epochs = [int(e) for e in options.get("epochs", "-1").split(",")]
+    which = options.get("run")
+    titles = [options.get("first", "run")]
+    titles += [f"epoch {e} test acc (%)" if e >= 0 else "final test acc (%)" for e in epochs]
+    if "best" in options:
+        titles.append("best test acc (%)")
+    if "loss" in options:
+        titles.append("train loss" + (f", epoch {epochs[-1]}" if epochs[-1] >= 0 else ""))
+    lines = _header(titles)
+    for label in labels:
+        runs = histories[label] if which is None else [histories[label][int(which)]]
+        cells = [label]
+        try:
+            cells += [_mean_std([h[e]["test_acc"] for h in runs], 100.0, 2) for e in epochs]
+        except IndexError:
+            raise TableError(f"{label}: no epoch {epochs} in its history") from None
+        if "best" in options:
+            cells.append(_mean_std([max(r["test_acc"] for r in h) for h in runs], 100.0, 2))
+        if "loss" in options:
+            cells.append(_mean_std([h[epochs[-1]]["train_loss"] for h in runs], 1.0, 3))
         lines.append(_row(cells))
     return "\n".join(lines)
 
@@ -254,6 +314,7 @@ VIEWS: dict[str, Callable[[Path, list[str], dict[str, str]], str]] = {
     "grid": view_grid,
     "tuning": view_tuning,
     "file": view_file,
+    "epochs": view_epochs,
 }
 
 

@@ -101,3 +101,30 @@ def test_a_changed_summary_changes_its_table_and_bad_markers_are_one_line_errors
     ]:
         with pytest.raises(tables.TableError, match=message):
             tables.render(f"<!-- table: {marker} -->\n<!-- /table -->\n", tmp_path)
+
+
+def test_epochs_view_reads_the_histories_at_the_epochs_asked(tmp_path):
+    tables = _tables()
+
+    def history(accs, losses):
+        return [
+            {"epoch": e, "test_acc": a, "train_loss": ls}
+            for e, (a, ls) in enumerate(zip(accs, losses, strict=True))
+        ]
+
+    summary = _summary([("anp", 2, 0.9, 0.0, (1, 1.0)), ("np", 2, 0.8, 0.0, (1, 1.0))])
+    summary["histories"] = {
+        "anp": [history([0.1, 0.5, 0.7], [2, 1, 0.5]), history([0.1, 0.6, 0.9], [2, 1, 0.25])],
+        "np": [history([0.1, 0.2, 0.3], [2, 2, 2]), history([0.1, 0.2, 0.4], [2, 2, 2])],
+    }
+    _write(tmp_path, "r/mnist/results.json", summary)
+    paths = ["r/mnist/results.json"]
+    rows = tables.view_epochs(tmp_path, paths, {"epochs": "1,2", "best": "1", "loss": "1"})
+    assert (
+        rows.splitlines()[2]
+        == "| anp | 55.00 ± 7.07 | 80.00 ± 14.14 | 80.00 ± 14.14 | 0.375 ± 0.177 |"
+    )
+    one = tables.view_epochs(tmp_path, paths, {"epochs": "1", "run": "1", "rows": "np"})
+    assert one.splitlines()[2:] == ["| np | 20.00 |"]
+    with pytest.raises(tables.TableError, match="in none of the summaries"):
+        tables.view_epochs(tmp_path, paths, {"rows": "dfa"})
