@@ -84,7 +84,7 @@ def test_decor_accuracy_benchmark_tunes_on_validation_then_runs_the_selection_ov
 
     bench = _bench()
     common = {k: v for k, v in tiny.items() if k not in ("out", "epochs")}
-    base = {**common, "epochs": 2}
+    base = {**common, "epochs": 1}
     etas = {"none": [None], "scaled": [1e-4, 1e-3]}
     plan = bench.tuning_plan(base, ["none", "scaled"], [0.003, 0.03], etas, tmp_path / "w")
     assert [r.group for r in plan.runs] == [
@@ -113,7 +113,7 @@ def test_decor_accuracy_benchmark_tunes_on_validation_then_runs_the_selection_ov
         methods=["none", "scaled"],
         datasets=["synthetic"],
         seeds=[0, 1],
-        epochs=2,
+        epochs=1,
     )
     assert all(g["lr"] == selected[g["decor"]]["lr"] for g in spec["groups"].values())
     summaries = run_spec(spec, tmp_path / "w", tmp_path / "out", jobs=1, log=None)
