@@ -33,6 +33,10 @@ whose groups hold ``[mean, sample std]`` pairs over seeds, or a tuning ``grid.js
               the last), mean ± std over seeds, ``best`` adds the best over epochs, ``loss`` the
               training loss at the last epoch shown; ``run=0`` shows the first finished seed
               alone instead (histories are kept in seed order).
+``records``   one row per record of a list in any JSON summary (``at=results``: where the list
+              is), one column per ``cols="title|template;…"``: a ``str.format`` template over the
+              record (``{single[samples_per_s]:.0f}``; ``{x:pct:.2f}`` × 100, ``{x:MiB:.2f}``
+              bytes in MiB).
 ``file``      the table rows of a markdown summary a benchmark wrote itself (``*.md``), verbatim.
 
     python benchmarks/tables.py            # rewrite BENCHMARKS.md
@@ -46,10 +50,11 @@ import json
 import re
 import shlex
 import statistics
+import string
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENT = ROOT / "BENCHMARKS.md"
@@ -309,12 +314,46 @@ def view_file(root: Path, paths: list[str], options: dict[str, str]) -> str:
     return "\n".join(rows)
 
 
+class _Units(string.Formatter):
+    """``str.format`` with a unit before the format spec: ``{x:pct:.2f}`` (× 100),
+    ``{x:MiB:.2f}`` (bytes ÷ 2²⁰)."""
+
+    SCALES: ClassVar[dict[str, float]] = {"pct": 100.0, "MiB": 1.0 / 2**20}
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        unit, _, rest = format_spec.partition(":")
+        if unit in self.SCALES:
+            return super().format_field(value * self.SCALES[unit], rest)
+        return super().format_field(value, format_spec)
+
+
+def view_records(root: Path, paths: list[str], options: dict[str, str]) -> str:
+    """See the module docstring (``records``)."""
+    if len(paths) != 1 or "cols" not in options:
+        raise TableError('the records view takes one JSON file and cols="title|template;…"')
+    records: Any = _load(root, paths[0])
+    for step in options.get("at", "").split("."):
+        records = records[step] if step else records
+    columns = [c.split("|", 1) for c in options["cols"].split(";")]
+    if any(len(c) != 2 for c in columns):
+        raise TableError('cols must be "title|template;title|template;…"')
+    lines = _header([title for title, _ in columns])
+    formatter = _Units()
+    for record in records:
+        try:
+            lines.append(_row([formatter.format(t, **record) for _, t in columns]))
+        except (KeyError, IndexError, ValueError, TypeError) as err:
+            raise TableError(f"{paths[0]}: cannot fill {options['cols']!r}: {err!r}") from None
+    return "\n".join(lines)
+
+
 VIEWS: dict[str, Callable[[Path, list[str], dict[str, str]], str]] = {
     "datasets": view_datasets,
     "grid": view_grid,
     "tuning": view_tuning,
     "file": view_file,
     "epochs": view_epochs,
+    "records": view_records,
 }
 
 

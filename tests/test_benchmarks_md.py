@@ -128,3 +128,18 @@ def test_epochs_view_reads_the_histories_at_the_epochs_asked(tmp_path):
     assert one.splitlines()[2:] == ["| np | 20.00 |"]
     with pytest.raises(tables.TableError, match="in none of the summaries"):
         tables.view_epochs(tmp_path, paths, {"rows": "dfa"})
+
+
+def test_records_view_fills_a_template_per_record_with_units(tmp_path):
+    tables = _tables()
+    data = {"results": [{"rule": "bp", "single": {"acc": 0.91234, "bytes": 3 * 2**20}}]}
+    _write(tmp_path, "d.json", data)
+    cols = "rule|{rule};acc|{single[acc]:pct:.2f};MiB|{single[bytes]:MiB:.1f};raw|{single[acc]:.3f}"
+    text = tables.view_records(tmp_path, ["d.json"], {"at": "results", "cols": cols})
+    assert text.splitlines() == [
+        "| rule | acc | MiB | raw |",
+        "|---|---:|---:|---:|",
+        "| bp | 91.23 | 3.0 | 0.912 |",
+    ]
+    with pytest.raises(tables.TableError, match="cannot fill"):
+        tables.view_records(tmp_path, ["d.json"], {"at": "results", "cols": "x|{nosuch}"})
