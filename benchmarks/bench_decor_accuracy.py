@@ -1,13 +1,17 @@
 """Accuracy and speed-up of decorrelated training, each method at its own tuned learning rates.
 
-Two phases, all runs through :func:`decorrelate.compare.run_plan` (``--jobs`` in parallel):
+Two phases, each a plan of the experiment layer (:mod:`decorrelate.experiments`) run by its one
+runner (``--jobs`` in parallel, finished runs reused, interrupted ones resumed):
 
-1. **grid** (one seed, ``--grid-dataset``, 10 % of the training set held out for validation):
-   every method (``none`` = plain BP) × Adam lr ∈ ``--lrs`` × η ∈ the method's ``--etas``.
-   Each method's configuration with the best validation accuracy (max over epochs) is selected;
-   the test set is not looked at. Diverged runs count as failed.
+1. **tuning** (one seed, ``--grid-dataset``, 10 % of the training set held out for validation):
+   every method (``none`` = plain BP) × Adam lr ∈ ``--lrs`` × η ∈ the method's ``--etas``
+   (:func:`tuning_plan`). Each method's configuration with the best validation accuracy (max over
+   epochs) is selected by :func:`decorrelate.experiments.tuning.select_best`; the test set is not
+   looked at. Diverged runs count as failed. Written: ``grid.json`` (every row and the
+   selection) and ``grid.md``.
 2. **final** (``--seeds``, the full training set, every dataset in ``--datasets``): each rule in
-   ``--rules`` × each method at its selected (lr, η). Test accuracy vs epoch and vs seconds,
+   ``--rules`` × each method at its selected (lr, η), a benchmark spec (:func:`final_spec`) run by
+   :func:`decorrelate.experiments.specs.run_spec`. Test accuracy vs epoch and vs seconds,
    mean ± std over seeds, epochs and seconds to the reference's (the first rule without
    decorrelation) best test accuracy: ``results.md``/``results.json``/PNGs per dataset.
 
@@ -27,14 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from decorrelate.compare import _dir_name, run_label, run_plan
 
-from bench_groups import run_spec
-from decorrelate import make_config
-from decorrelate.config import TrainConfig
+from decorrelate.experiments import Plan, Result, grid, run_plan
+from decorrelate.experiments.plan import axis_label
+from decorrelate.experiments.specs import run_spec
+from decorrelate.experiments.tuning import VAL_KEY, chosen, select_best
 
 #: η values tried per method (see decorrelate.nn.methods.DEFAULT_LR for the defaults' reasons).
-DEFAULT_ETAS = {
+DEFAULT_ETAS: dict[str, list[float | None]] = {
     "none": [None],
     "scaled": [1e-5, 1e-4, 3e-4],
     "dbp": [1e-4, 1e-3],
@@ -43,57 +47,74 @@ DEFAULT_ETAS = {
     "newton": [1e-2],
 }
 
+#: The fraction of the training set held out for the tuning phase's validation accuracy.
+VAL_SPLIT = 0.1
+
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
 
-def _label(rule: str, method: str, lr: float, eta: float | None) -> str:
-    combo = {"lr": f"{lr:g}"}
-    if eta is not None:
-        combo["decor-lr"] = f"{eta:g}"
-    return run_label(rule, method, combo)
+def tuning_plan(
+    base: dict[str, Any],
+    methods: list[str],
+    lrs: list[float],
+    etas: dict[str, list[float | None]],
+    work: Path,
+) -> Plan:
+    """One seed of BP + every method × Adam lr × its η values, a validation split held out.
 
-
-def grid_plan(
-    base: TrainConfig, methods: list[str], lrs: list[float], etas: dict[str, list], work: Path
-) -> list[tuple[str, TrainConfig, dict[str, Any]]]:
-    plan = []
+    A method whose η list is ``[None]`` (plain BP) has no ``decor_lr`` axis. Runs go into
+    ``WORK/grid/<label>-s0`` (e.g. ``bp+scaled lr=0.0001 decor-lr=1e-05``).
+    """
+    tuning_base = {**base, "val_split": VAL_SPLIT, "seed": 0}
+    plan = Plan("tuning")
     for method in methods:
-        for lr in lrs:
-            for eta in etas[method]:
-                label = _label("bp", method, lr, eta)
-                cfg = base.replace(
-                    decor=method,
-                    lr=lr,
-                    decor_lr=eta,
-                    val_split=0.1,
-                    seed=0,
-                    out=str(work / "grid" / _dir_name(label, 0)),
-                )
-                plan.append((label, cfg, {"method": method, "lr": lr, "decor_lr": eta}))
-    return plan
+        if method not in etas:
+            known = ", ".join(sorted(etas))
+            raise SystemExit(f"no η values for method {method!r} (known: {known}); give --etas")
+        axes: dict[str, list[Any]] = {"rule": ["bp"], "decor": [method], "lr": lrs}
+        if etas[method] != [None]:
+            axes["decor_lr"] = etas[method]
+        plan = plan + grid("tuning", tuning_base, {**axes, "seed": [0]}, work / "grid")
+    return plan.check()
 
 
-def select(plan: list, histories: list) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """Best validation accuracy per method; every grid row for the table."""
-    rows, best = [], {}
-    for (label, _, spec), history in zip(plan, histories, strict=True):
-        row = {"label": label, **spec}
-        if history is None:
-            row.update(val_acc=None, test_acc=None, diverged=True)
+def best_epoch(result: Result) -> int | None:
+    """The first epoch at which the run's validation accuracy was its best (None if diverged)."""
+    if not result.ok:
+        return None
+    rows = [r for r in result.history[1:] if "val_acc" in r]
+    return max(rows, key=lambda r: r["val_acc"])["epoch"] if rows else None
+
+
+def tuning_rows(results: list[Result]) -> list[dict[str, Any]]:
+    """``grid.json``'s rows: every tuning run's setting and its best validation accuracy."""
+    rows = []
+    for r in results:
+        row = {
+            "label": r.run.group,
+            "method": r.run.axes["decor"],
+            "lr": r.run.axes["lr"],
+            "decor_lr": r.run.axes.get("decor_lr"),
+        }
+        if r.ok:
+            row.update(val_acc=r.summary[VAL_KEY], epoch=best_epoch(r), diverged=False)
         else:
-            top = max(history[1:], key=lambda r: r["val_acc"])
-            row.update(val_acc=top["val_acc"], epoch=top["epoch"], diverged=False)
+            row.update(val_acc=None, test_acc=None, diverged=True)
         rows.append(row)
-        if row["val_acc"] is not None and (
-            spec["method"] not in best or row["val_acc"] > best[spec["method"]]["val_acc"]
-        ):
-            best[spec["method"]] = row
-    return best, rows
+    return rows
 
 
-def grid_table(rows: list[dict[str, Any]], best: dict[str, dict[str, Any]]) -> str:
+def selection(results: list[Result]) -> dict[str, dict[str, Any]]:
+    """Each method's (lr, η) with the best validation accuracy (methods whose every run
+    diverged are absent)."""
+    best = select_best(results, by=("decor",), key=VAL_KEY)
+    return {point[0]: values for point, values in chosen(best, ("lr", "decor_lr")).items()}
+
+
+def grid_table(rows: list[dict[str, Any]], selected: dict[str, dict[str, Any]]) -> str:
+    """``grid.md``: every tuning run, the selected one per method marked."""
     lines = [
         "| method | Adam lr | η | best val acc (%) | at epoch | selected |",
         "|---|---:|---:|---:|---:|:-:|",
@@ -102,9 +123,41 @@ def grid_table(rows: list[dict[str, Any]], best: dict[str, dict[str, Any]]) -> s
         eta = "—" if r["decor_lr"] is None else f"{r['decor_lr']:g}"
         acc = "diverged" if r["diverged"] else f"{r['val_acc'] * 100:.2f}"
         epoch = "" if r["diverged"] else str(r["epoch"])
-        mark = "✓" if best.get(r["method"]) is r else ""
+        pick = selected.get(r["method"])
+        mark = "✓" if pick == {"lr": r["lr"], "decor_lr": r["decor_lr"]} else ""
         lines.append(f"| {r['method']} | {r['lr']:g} | {eta} | {acc} | {epoch} | {mark} |")
     return "\n".join(lines)
+
+
+def final_spec(
+    common: dict[str, Any],
+    selected: dict[str, dict[str, Any]],
+    *,
+    rules: list[str],
+    methods: list[str],
+    datasets: list[str],
+    seeds: list[int],
+    epochs: int,
+    log: Any = print,
+) -> dict[str, Any]:
+    """The final phase as a benchmark spec: every rule × method at its selected (lr, η)."""
+    groups = {}
+    for rule in rules:
+        for method in methods:
+            if method not in selected:
+                log(f"{method}: every grid run diverged; left out of the final phase")
+                continue
+            values = selected[method]
+            axes = {"rule": rule, "decor": method, "lr": values["lr"]}
+            if values["decor_lr"] is not None:
+                axes["decor_lr"] = values["decor_lr"]
+            groups[axis_label(axes)] = {"rule": rule, "decor": method, **values}
+    return {
+        "base": {**common, "epochs": epochs},
+        "datasets": datasets,
+        "seeds": seeds,
+        "groups": groups,
+    }
 
 
 def main() -> None:
@@ -156,15 +209,13 @@ def main() -> None:
         common["widths"] = [int(w) for w in args.widths.split(",")]
 
     if args.selection:
-        selection = json.loads(Path(args.selection).read_text())["selected"]
+        selected = json.loads(Path(args.selection).read_text())["selected"]
     else:
-        base = make_config(common, {"dataset": args.grid_dataset, "epochs": args.grid_epochs})
-        plan = grid_plan(base, methods, _floats(args.lrs), etas, work)
-        histories = run_plan(
-            [(label, cfg) for label, cfg, _ in plan], jobs=args.jobs, keep_going=True
-        )
-        best, rows = select(plan, histories)
-        selection = {m: {"lr": r["lr"], "decor_lr": r["decor_lr"]} for m, r in best.items()}
+        base = {**common, "dataset": args.grid_dataset, "epochs": args.grid_epochs}
+        plan = tuning_plan(base, methods, _floats(args.lrs), etas, work)
+        results = run_plan(plan, jobs=args.jobs, keep_going=True)
+        rows = tuning_rows(results)
+        selected = selection(results)
         (out / "grid.json").write_text(
             json.dumps(
                 {
@@ -172,7 +223,7 @@ def main() -> None:
                     "epochs": args.grid_epochs,
                     "config": common,
                     "rows": rows,
-                    "selected": selection,
+                    "selected": selected,
                     "machine": {
                         "torch": torch.__version__,
                         "python": platform.python_version(),
@@ -183,24 +234,18 @@ def main() -> None:
             )
             + "\n"
         )
-        (out / "grid.md").write_text(grid_table(rows, best) + "\n")
-        print(grid_table(rows, best))
+        (out / "grid.md").write_text(grid_table(rows, selected) + "\n")
+        print(grid_table(rows, selected))
 
-    groups = {}
-    for rule in args.rules.split(","):
-        for method in methods:
-            if method not in selection:
-                print(f"{method}: every grid run diverged; left out of the final phase")
-                continue
-            chosen = selection[method]
-            label = _label(rule, method, chosen["lr"], chosen["decor_lr"])
-            groups[label] = {"rule": rule, "decor": method, **chosen}
-    spec = {
-        "base": {**common, "epochs": args.epochs},
-        "datasets": args.datasets.split(","),
-        "seeds": [int(s) for s in args.seeds.split(",")],
-        "groups": groups,
-    }
+    spec = final_spec(
+        common,
+        selected,
+        rules=args.rules.split(","),
+        methods=methods,
+        datasets=args.datasets.split(","),
+        seeds=[int(s) for s in args.seeds.split(",")],
+        epochs=args.epochs,
+    )
     run_spec(spec, work, out, jobs=args.jobs)
 
 
