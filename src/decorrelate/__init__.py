@@ -16,6 +16,7 @@ from . import fixedpoint as fixedpoint  # registers the fixed-point rules
 from . import metrics as metrics
 from . import nn as nn
 from .config import TrainConfig, make_config
+from .context import BatchShard, StepContext
 from .errors import DataError, TrainingDiverged, UserError
 from .losses import Loss
 from .models import MLP, ConvNet, build_model
@@ -26,11 +27,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MLP",
+    "BatchShard",
     "ConvNet",
     "DataError",
     "LearningRule",
     "Loss",
     "RunResult",
+    "StepContext",
     "StepOutput",
     "TrainConfig",
     "Trainer",

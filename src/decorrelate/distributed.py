@@ -13,13 +13,15 @@ Every rank holds the whole model and the whole in-memory dataset; each global ba
   the backward pass; rules that write ``.grad`` themselves (node perturbation, Align, last-layer)
   are all-reduced explicitly by :func:`average_grads`. Shards of unequal size (a last, odd
   batch) are weighted exactly: the loss of rank r is scaled by n_r·W/N
-  (:attr:`decorrelate.losses.Loss.scale`), so the average over ranks is the global batch mean.
+  (:attr:`decorrelate.context.StepContext.loss_scale`, which the loop passes to the rule), so
+  the average over ranks is the global batch mean.
 * **decorrelators** — each rank takes the part of the single-process subsample that falls in its
-  shard (:func:`current_shard`) and the rows are all-gathered before the update
+  shard (the :class:`~decorrelate.context.BatchShard` of the step's context, handed to them by
+  :func:`decorrelate.nn.step_context`) and the rows are all-gathered before the update
   (:func:`decorrelate.nn.sampling.gather_rows`), so every R gets the identical update.
-* **noise** — node-perturbation noise is drawn for the global batch from the run's seeded
-  generator on every rank and each rank adds its own rows: the same noise a single process
-  would use, no two samples sharing it.
+* **noise** — node-perturbation noise is drawn for the global batch (the context's shard) from
+  the run's seeded generator on every rank and each rank adds its own rows: the same noise a
+  single process would use, no two samples sharing it.
 * feedback matrices and frozen twins come from the run seed, identical everywhere.
 
 Rank 0 alone logs, plots and writes checkpoints. Collectives time out after ``--dist-timeout``
@@ -33,14 +35,13 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .context import BatchShard as BatchShard  # where a rank's rows lie; re-exported
 from .errors import UserError
 
 
@@ -187,34 +188,6 @@ def from_main(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- batch shards
-
-
-@dataclass(frozen=True)
-class BatchShard:
-    """This rank's rows ``[offset, offset + size)`` of a global batch of ``total`` rows."""
-
-    offset: int
-    size: int
-    total: int
-
-
-_SHARD: BatchShard | None = None
-
-
-def current_shard() -> BatchShard | None:
-    """The shard of the batch being processed, inside :func:`batch_shard` (else None)."""
-    return _SHARD
-
-
-@contextmanager
-def batch_shard(shard: BatchShard | None) -> Iterator[None]:
-    """Within the block, samplers (subsamples, noise) know which global rows this rank holds."""
-    global _SHARD
-    previous, _SHARD = _SHARD, shard
-    try:
-        yield
-    finally:
-        _SHARD = previous
 
 
 def shard_bounds(total: int, world: int, rank: int) -> tuple[int, int]:

@@ -72,11 +72,9 @@ class Loss:
     ``output`` selects the tensor from what the model returns (see :meth:`select`);
     ``ignore_index`` is the target value to skip (padding tokens), as in ``F.cross_entropy``.
 
-    ``scale`` (1 unless training on several processes) multiplies every value: rank r of W
-    holding n_r of a global batch's N samples uses n_r·W/N, so that averaging the ranks'
-    gradients gives the global batch mean exactly (see :mod:`decorrelate.distributed`; with
-    token-level targets of different lengths per rank it is the mean of the ranks' token means,
-    weighted by their sample counts).
+    A Loss holds no per-step state: under torch.distributed the rule weights the loss it
+    differentiates by the step context's ``loss_scale``
+    (:class:`decorrelate.context.StepContext`).
     """
 
     def __init__(
@@ -112,7 +110,6 @@ class Loss:
             raise UserError(f"ignore_index must be an int, got {ignore_index!r}")
         self.output = output
         self.ignore_index = int(ignore_index)
-        self.scale = 1.0
         self._per_sample_fn = self._make_per_sample_fn()
 
     # -------------------------------------------------------------- output selection
@@ -166,11 +163,9 @@ class Loss:
         if not isinstance(output, Tensor):
             output = self.select(output)
         if self.fn is not None:
-            value = self._call_fn(output, y, reduction)
-        else:
-            self._check_shapes(output, y)
-            value = self._builtin(output, y, reduction)
-        return value if self.scale == 1.0 else value * self.scale
+            return self._call_fn(output, y, reduction)
+        self._check_shapes(output, y)
+        return self._builtin(output, y, reduction)
 
     def _builtin(self, output: Tensor, y: Tensor, reduction: str) -> Tensor:
         if self.name == "cross-entropy" and output.dim() <= 2:  # [B, K]: torch's own reductions

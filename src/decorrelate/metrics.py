@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .context import SINGLE_PROCESS, StepContext
 from .nn import capturing
 from .nn.decorrelation import Decorrelator
 
@@ -75,6 +76,7 @@ def update_angles(
     x: Tensor,
     y: Tensor,
     reduce: Callable[[list[Tensor]], object] | None = None,
+    ctx: StepContext = SINGLE_PROCESS,
 ) -> dict[str, float]:
     """Angles between the rule's ``.grad`` (already filled for this batch) and BP's gradient.
 
@@ -82,7 +84,8 @@ def update_angles(
     changes to the backward pass suspended and decorrelators not capturing, then puts the rule's
     gradients back, so training is unaffected. Keys: ``angle/<parameter name>``. ``reduce``
     (multi-process training: :func:`decorrelate.distributed.average_grads`) is applied to the
-    reference gradients, so that they are the global batch's like the rule's.
+    reference gradients, of the loss weighted by ``ctx.loss_scale`` as the rule's, so that they
+    are the global batch's like the rule's.
     """
     params = weight_parameters(model)
     saved = {id(p): None if p.grad is None else p.grad.clone() for p in model.parameters()}
@@ -91,7 +94,7 @@ def update_angles(
         stack.enter_context(capturing(model, False))
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            rule.loss(rule.loss.select(model(x)), y).backward()
+            ctx.scaled(rule.loss(rule.loss.select(model(x)), y)).backward()
         if reduce is not None:
             reduce([p for p in model.parameters() if p.grad is not None])
         bp = {id(p): None if p.grad is None else p.grad.clone() for _, p in params}

@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import distributed as dist
 from .config import TrainConfig, code_references, make_config, save_config, without_code
+from .context import StepContext
 from .data import Dataset, DataSplits, epoch_order, load_dataset
 from .errors import TrainingDiverged, UserError
 from .losses import Loss, as_loss
 from .metrics import update_angles
 from .models import build_model
-from .nn import decorrelators, local_stats, local_update
-from .rules import LearningRule, rule_class
+from .nn import decorrelators, local_stats, local_update, step_context
+from .rules import AlignmentProbe, LearningRule, rule_class
 from .seeding import derive_seed, make_generator
 
 Log = Callable[[str], None]
@@ -132,8 +133,6 @@ def build_parts(
     if config.alignment_score:
         if not type(rule).exact_gradient:
             raise UserError("--alignment-score measures BP training; use it with --rule bp")
-        from .align import AlignmentProbe
-
         rule = AlignmentProbe()
     example = splits.train.x[:1].to(device)
     rule.attach(model, loss, make_generator(config.seed, "rule", device=device), example=example)
@@ -303,38 +302,36 @@ class Trainer:
         )
         reduce = dist.average_grads if self.world > 1 else None
         start = time.perf_counter()
-        try:
-            for step, (x, y, shard) in enumerate(
-                dist.shard_batches(self.train_data, cfg.batch_size, order)
-            ):
-                if step == total:
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                if shard is not None:  # exact global mean after averaging over ranks
-                    self.loss.scale = shard.size * self.world / shard.total
-                with dist.batch_shard(shard):
-                    out = rule.backward(self.forward_model, x, y)
-                if self.sync_grads:
-                    dist.average_grads(self.params)
-                if step % check_every == 0:
-                    self._check_loss(epoch, step, out.loss / self.loss.scale, limit)
-                global_step = (epoch - 1) * self.steps_per_epoch + step
-                if align_every and global_step % align_every == 0:
-                    row = {"epoch": epoch, "step": global_step}
-                    row.update(update_angles(model, rule, x, y, reduce=reduce))
-                    self.alignment.append(row)
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                if local_update is not None:
-                    local_update()
-                count = self.loss.count(y)
-                loss_sum += out.loss.double() / self.loss.scale * count
-                correct += self.loss.correct(out.output, y)
-                seen += count
-                bar.update()
-        finally:
-            self.loss.scale = 1.0
+        for step, (x, y, shard) in enumerate(
+            dist.shard_batches(self.train_data, cfg.batch_size, order)
+        ):
+            if step == total:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            global_step = (epoch - 1) * self.steps_per_epoch + step
+            # several processes: the shard's loss weighted so that the average over the
+            # ranks' gradients is the global batch mean; decorrelators learn the shard too
+            ctx = StepContext.of(global_step, shard, self.world)
+            with step_context(model, ctx):
+                out = rule.backward(self.forward_model, x, y, ctx=ctx)
+            if self.sync_grads:
+                dist.average_grads(self.params)
+            if step % check_every == 0:
+                self._check_loss(epoch, step, out.loss, limit)
+            if align_every and global_step % align_every == 0:
+                row = {"epoch": epoch, "step": global_step}
+                row.update(update_angles(model, rule, x, y, reduce=reduce, ctx=ctx))
+                self.alignment.append(row)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if local_update is not None:
+                local_update()
+            count = self.loss.count(y)
+            loss_sum += out.loss.double() * count
+            correct += self.loss.correct(out.output, y)
+            seen += count
+            bar.update()
         totals = dist.all_sum(torch.stack([loss_sum, correct.double(), seen.double()]))
         loss_sum, correct, seen = totals[0], int(totals[1]), int(totals[2])
         mean_loss = loss_sum / max(1, seen)

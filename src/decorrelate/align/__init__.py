@@ -4,13 +4,16 @@ The rules themselves (``align-zero``, ``align-ada``, ``align-prop``, ``last-laye
 :mod:`decorrelate.rules.align`; the alignment score in :mod:`decorrelate.metrics`; the NTK
 models and the vanilla RNN in :mod:`decorrelate.models`. Here:
 
-* :class:`AlignmentProbe` — backprop that logs the alignment score of its own weight change;
+* :class:`AlignmentProbe` — backprop that logs the alignment score of its own weight change
+  (it lives in :mod:`decorrelate.rules.probe`, beside the rules, so the training loop can use
+  it without importing these experiments);
 * the recurrent Add task (:func:`make_add_task`, :func:`add_targets`, :func:`train_add_task`);
 * :func:`run_suite` — the named sweeps (``align-width``, ``align-width-conv``,
   ``align-lowdata``, ``align-rnn``; see :func:`suite_names`).
 """
 
 from ..rules import align as _rules  # noqa: F401  (registers the align rules by name)
+from ..rules.probe import AlignmentProbe
 from .addtask import (
     AddTask,
     SequenceMSE,
@@ -20,7 +23,6 @@ from .addtask import (
     shift,
     train_add_task,
 )
-from .probe import AlignmentProbe
 from .suites import load_suite, run_suite, suite_names, train_classifier
 
 __all__ = [

@@ -13,7 +13,7 @@ its sizes; :func:`run_suite` runs it and writes into ``out``:
 Runners:
 
 ``width``    the training loop of :mod:`decorrelate.train` for every (width, rule, seed). The
-             ``bp`` runs use :class:`~decorrelate.align.probe.AlignmentProbe` (BP updates, plus
+             ``bp`` runs use :class:`~decorrelate.rules.probe.AlignmentProbe` (BP updates, plus
              the align-zero prediction of the weight change), so the alignment score per layer
              is logged in the same runs.
 ``lowdata``  the same loop for every (training-set size, rule, seed) at a fixed number of SGD
@@ -48,10 +48,10 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig, make_config, save_config
 from ..data import Dataset, DataSplits
 from ..errors import TrainingDiverged, UserError
+from ..rules.probe import AlignmentProbe
 from ..seeding import make_generator
 from .addtask import make_add_task, train_add_task
 from .plots import plot_sweep
-from .probe import AlignmentProbe
 
 Log = Callable[[str], None] | None
 DIVERGED = "diverged.json"

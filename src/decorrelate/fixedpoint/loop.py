@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
+from ..context import StepContext
 from ..errors import TrainingDiverged
 from ..rules.base import StepOutput
 from .diagnostics import angle_degrees, max_real_eig, max_real_eig_gain
@@ -92,8 +93,8 @@ class StepLoop:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            with dist.batch_shard(shard):
-                out = self.rule.backward(self.model, x, y)
+            # W.grad is weighted by settled samples below, not by the loss: scale 1
+            out = self.rule.backward(self.model, x, y, ctx=StepContext(k, shard))
         except TrainingDiverged as err:  # the message already names the rule and lr
             self.flush()
             raise StepDiverged(f"step {k}: {err}", k) from None

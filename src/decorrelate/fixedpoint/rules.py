@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..context import SINGLE_PROCESS, StepContext
 from ..errors import UserError
 from ..losses import Loss
 from ..rules.base import LearningRule, StepOutput, accumulate_grad, register_rule
@@ -61,12 +62,15 @@ class StepState:
     exact: bool = True
 
 
-def loss_and_delta(model: RateRNN, r: Tensor, y: Tensor, loss: Any) -> tuple[Tensor, Tensor]:
-    """The batch loss at the points ``r`` and δ = ∂L/∂r (autograd through the readout only)."""
+def loss_and_delta(
+    model: RateRNN, r: Tensor, y: Tensor, loss: Any, ctx: StepContext = SINGLE_PROCESS
+) -> tuple[Tensor, Tensor]:
+    """The batch loss at the points ``r`` and δ = ∂L/∂r (autograd through the readout only),
+    of the loss weighted by ``ctx.loss_scale`` (the returned loss is unweighted)."""
     with torch.enable_grad():
         r = r.detach().requires_grad_(True)
         value = loss(model.read(r), y)
-        (delta,) = torch.autograd.grad(value, r)
+        (delta,) = torch.autograd.grad(ctx.scaled(value), r)
     return value.detach(), delta
 
 
@@ -105,13 +109,15 @@ class FixedPointRule(LearningRule):
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Check the optimizer suits the rule (all rules but ``reparam`` accept any)."""
 
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+    def backward(
+        self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
+    ) -> StepOutput:
         assert isinstance(model, RateRNN), "attach() the rule first"
         fp = model.fixed_point(x)  # raises on non-convergence under policy "raise"
         used, y_used = fp, y
         if not bool(fp.usable.all()):  # policy "skip": leave the unsettled samples out
             used, y_used = fp.select(fp.usable), y[fp.usable]
-        loss, delta = loss_and_delta(model, used.r, y_used, self.loss)
+        loss, delta = loss_and_delta(model, used.r, y_used, self.loss, ctx)
         with torch.no_grad():
             accumulate_grad(model.W, self.direction(model, used, delta))
             output = model.read(fp.r)
@@ -229,7 +235,9 @@ class BPTT(FixedPointRule):
     reported like any solver's, and non-convergence follows the same policy.
     """
 
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+    def backward(
+        self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
+    ) -> StepOutput:
         assert isinstance(model, RateRNN), "attach() the rule first"
         cfg, act = model.solver, model.act
         euler = cfg.method == "euler"
@@ -267,7 +275,7 @@ class BPTT(FixedPointRule):
             keep = fp.converged if (fp.num_failed and not euler) else None
             output = model.read(r)
             loss = self.loss(output, y) if keep is None else self.loss(output[keep], y[keep])
-            loss.backward()
+            ctx.scaled(loss).backward()
         used = fp if keep is None else fp.select(keep)
         model.last_solve = fp
         self.last_state = StepState(fp, used, y if keep is None else y[keep], None, exact=False)

@@ -34,12 +34,14 @@ from .registry import (
     weight_of,
 )
 from .unroll import unroll
+from .wrapper import LayerWrapper
 
 __all__ = [
     "ConvKind",
     "EmbeddingKind",
     "HFConv1DKind",
     "LayerKind",
+    "LayerWrapper",
     "LinearKind",
     "NormKind",
     "bias_of",

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from .kinds import ConvKind, EmbeddingKind, HFConv1DKind, LayerKind, LinearKind, NormKind
+from .wrapper import LayerWrapper
 
 _BUILTIN: tuple[LayerKind, ...] = (
     LinearKind(),
@@ -55,10 +56,9 @@ def layer_kinds() -> tuple[LayerKind, ...]:
 
 
 def is_wrapper(module: nn.Module) -> bool:
-    """A decorrelated wrapper (:class:`decorrelate.nn.Decorrelator`): R before ``.layer``."""
-    from ..nn.decorrelation import Decorrelator
-
-    return isinstance(module, Decorrelator)
+    """A :class:`~decorrelate.layers.wrapper.LayerWrapper`, such as a decorrelated layer
+    (:class:`decorrelate.nn.Decorrelator`: R before ``.layer``)."""
+    return isinstance(module, LayerWrapper)
 
 
 def inner_layer(module: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..context import StepContext
 from ..errors import UserError
 from ..layers import LayerKind, NormKind, kind_of
 from .decorrelation import Decorrelator, wrapper_for
@@ -272,3 +273,25 @@ def capturing(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     finally:
         for m, value in zip(modules, previous, strict=True):
             m.capture = value
+
+
+@contextmanager
+def step_context(model: nn.Module, ctx: StepContext | None) -> Iterator[None]:
+    """Within the block, the decorrelators of ``model`` know the step's batch shard.
+
+    The training loop wraps each step in it (``ctx`` is the one it passes to the rule), so that
+    under torch.distributed every decorrelator chooses its subsample on the global batch and
+    keeps the rows this rank holds (:func:`decorrelate.nn.sampling.global_rows`); the gathered
+    union is then the single-process subsample. None, or a context without a shard (one
+    process), changes nothing. The previous shards are restored on exit.
+    """
+    modules = [m for _, m in decorrelators(model)]
+    previous = [m.shard for m in modules]
+    shard = None if ctx is None else ctx.shard
+    for m in modules:
+        m.shard = shard
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, previous, strict=True):
+            m.shard = value

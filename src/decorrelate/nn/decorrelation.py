@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..context import BatchShard
 from ..errors import TrainingDiverged, UserError
-from ..layers import ConvKind, LayerKind, LinearKind, kind_of
+from ..layers import ConvKind, LayerKind, LayerWrapper, LinearKind, kind_of
 from ..seeding import derive_seed
 from .methods import (
     EXACT,
@@ -85,7 +86,7 @@ COLLAPSE_PATIENCE = 3
 CONSTANT_TOL = 1e-6
 
 
-class Decorrelator(nn.Module):
+class Decorrelator(LayerWrapper):
     """Base of the decorrelated layers: R, its statistics, capture, update and diagnostics.
 
     Buffers (all in ``state_dict()``, so a checkpoint resumes exactly): ``R`` [d, d], or
@@ -118,6 +119,9 @@ class Decorrelator(nn.Module):
         self.kind = kind if kind is not None else _kind_of(layer)
         #: None: capture in training mode when autograd records; True/False: force on/off.
         self.capture: bool | None = None
+        #: Where the batch of the current step lies in the global batch (torch.distributed);
+        #: set for one step by :func:`decorrelate.nn.step_context`, None otherwise.
+        self.shard: BatchShard | None = None
         self._seed = derive_seed(config.seed, "decorrelation", self.name)
         self._sample: tuple[Tensor, Tensor | None] | None = None
         self._warned_few = False
@@ -545,7 +549,7 @@ class DecorLinear(Decorrelator):
         # Under torch.distributed the choice is made on the global batch and each rank keeps
         # the chosen rows it holds, so the gathered union is the single-process subsample.
         batch = x.shape[0] if x.dim() > 1 else 1
-        offset, total = global_rows(batch, rows.shape[0], rows.shape[0] // batch)
+        offset, total = global_rows(self.shard, batch, rows.shape[0], rows.shape[0] // batch)
         count = subsample_size(total, self.config.sample_frac)
         if x.dim() > 2 and self.config.max_samples is not None:
             count = min(count, self.config.max_samples)
@@ -591,7 +595,7 @@ class DecorConv(Decorrelator):
         spatial = len(self.layer.kernel_size)
         batch = x.detach() if x.dim() == spatial + 2 else x.detach().unsqueeze(0)
         step = int(self.num_updates)
-        offset, total = global_rows(batch.shape[0], batch.shape[0], 1)  # images of the batch
+        offset, total = global_rows(self.shard, batch.shape[0], batch.shape[0], 1)  # images
         count = subsample_size(total, self.config.sample_frac)
         images = choose(total, count, x.device, self._seed, step, "images")
         patches = conv_patches(

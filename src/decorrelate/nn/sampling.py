@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..context import BatchShard
 from ..layers.kinds import conv_explicit_pad
 from ..seeding import make_generator
 
@@ -27,19 +28,17 @@ def subsample_size(total: int, frac: float) -> int:
     return min(total, math.floor(frac * total) + 1)
 
 
-def global_rows(batch: int, rows: int, per_sample: int) -> tuple[int, int]:
+def global_rows(
+    shard: BatchShard | None, batch: int, rows: int, per_sample: int
+) -> tuple[int, int]:
     """(offset, total) of this rank's ``rows`` within the global batch's rows.
 
-    Without a distributed batch shard (see :func:`decorrelate.distributed.batch_shard`), or when
-    the input is not the sharded batch (``batch`` differs from the shard's size), the rows are
-    all there is: (0, rows).
+    ``shard``: where this rank's batch lies in the global batch (the step context's, see
+    :func:`decorrelate.nn.step_context`). Without one, or when the input is not the sharded
+    batch (``batch`` differs from the shard's size), the rows are all there is: (0, rows).
     """
-    from ..distributed import current_shard
-
-    shard = current_shard()
-    if shard is None or batch != shard.size:
-        return 0, rows
-    return shard.offset * per_sample, shard.total * per_sample
+    where = None if shard is None else shard.rows(batch, per_sample)
+    return (0, rows) if where is None else where
 
 
 def choose(total: int, count: int, device: torch.device, seed: int, *tags: object) -> Tensor:

@@ -16,12 +16,14 @@ from .base import (
 )
 from .feedback import DirectFeedbackAlignment, FeedbackAlignment
 from .perturbation import ActivityNP, IterativeNP, NodePerturbation, RecordedNoise
+from .probe import AlignmentProbe
 
 __all__ = [
     "ActivityNP",
     "AlignAda",
     "AlignProp",
     "AlignZero",
+    "AlignmentProbe",
     "Backprop",
     "DirectFeedbackAlignment",
     "FeedbackAlignment",

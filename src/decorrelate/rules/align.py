@@ -74,6 +74,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import layers as L
+from ..context import SINGLE_PROCESS, StepContext
 from ..errors import UserError
 from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
 from ..nn import capturing
@@ -234,15 +235,18 @@ class _TwinAlign(LearningRule):
         self.twin, self.points, self.twin_points = None, [], []
         super().detach()
 
-    def output_error(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Forward the real network (no graph): its output, the mean loss and e = ∂L/∂output."""
+    def output_error(
+        self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward the real network (no graph): its output, the mean loss and e = ∂L/∂output
+        (of the loss weighted by ``ctx.loss_scale``)."""
         real = self._real.recording() if self._real is not None else _nothing()
         with real, torch.no_grad(), capturing(model, True):
             output = self.loss.select(model(x))
         out = output.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self.loss(out, y)
-            (error,) = torch.autograd.grad(loss, out)
+            (error,) = torch.autograd.grad(ctx.scaled(loss), out)
         return output.detach(), loss.detach(), error
 
     def twin_deltas(self, x: Tensor, error: Tensor) -> list[list[Tensor]]:
@@ -326,10 +330,12 @@ class _TwinAlign(LearningRule):
         finally:
             self._twin.clear()
 
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+    def backward(
+        self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
+    ) -> StepOutput:
         if model is not self.model:
             raise UserError("this align rule was attached to a different model")
-        output, loss, error = self.output_error(model, x, y)
+        output, loss, error = self.output_error(model, x, y, ctx)
         try:
             for layer, gw, gb in self.layer_updates(self.twin_deltas(x, error)):
                 accumulate_grad(L.weight_of(layer), gw)
@@ -580,13 +586,15 @@ class LastLayer(LearningRule):
         self._handle, self.readout, self.points = None, None, []
         super().detach()
 
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+    def backward(
+        self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
+    ) -> StepOutput:
         if self.readout is None:
             self._find_readout(model, x)
         output = self.loss.select(model(x))
         loss = self.loss(output, y)
         params = [p for p in (L.weight_of(self.readout), L.bias_of(self.readout)) if p is not None]
         params = [p for p in params if p.requires_grad]
-        for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+        for p, g in zip(params, torch.autograd.grad(ctx.scaled(loss), params), strict=True):
             accumulate_grad(p, g)
         return StepOutput(loss.detach(), output.detach())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..context import SINGLE_PROCESS, StepContext
 from .base import LearningRule, StepOutput, register_rule
 
 
@@ -14,8 +15,10 @@ class Backprop(LearningRule):
     ddp_autograd = True
     exact_gradient = True
 
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+    def backward(
+        self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
+    ) -> StepOutput:
         output = self.loss.select(model(x))
         loss = self.loss(output, y)
-        loss.backward()
+        ctx.scaled(loss).backward()
         return StepOutput(loss.detach(), output.detach())

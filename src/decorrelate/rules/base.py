@@ -14,6 +14,15 @@ decorrelation method, and one loop serves them all::
         optimizer.step()
         local_update(model)                    # decorrelators learn from their stored subsample
 
+What the loop knows about the step — its index, and under torch.distributed the rank's shard of
+the global batch and the weight of its loss — is passed explicitly as a
+:class:`~decorrelate.context.StepContext`: ``rule.backward(model, x, y, ctx=ctx)`` (default
+:data:`~decorrelate.context.SINGLE_PROCESS`: one process, nothing to weight). A rule multiplies
+the loss it differentiates by ``ctx.loss_scale`` (:meth:`StepContext.scaled`), draws any
+per-sample randomness for ``ctx.shard``'s global batch, and reports the unscaled loss. The
+decorrelators in the model learn the shard from :func:`decorrelate.nn.step_context`, which the
+loop wraps around the step.
+
 How the other rule families fit this protocol (each prepares the model once, in :meth:`attach`,
 through public PyTorch mechanisms — never by patching private APIs or swapping ``nn.Parameter``
 objects inside ``forward``):
@@ -45,6 +54,7 @@ saved with the model and needs nothing extra.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
@@ -52,6 +62,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..context import SINGLE_PROCESS, StepContext
 from ..errors import UserError
 from ..losses import Loss, as_loss
 
@@ -59,7 +70,8 @@ from ..losses import Loss, as_loss
 class StepOutput(NamedTuple):
     """What a rule reports for one batch: the mean loss and the (clean) network output.
 
-    Both are detached. The loop uses them for the running training loss and accuracy.
+    Both are detached. The loop uses them for the running training loss and accuracy. The loss
+    is this batch's own mean, not multiplied by the context's ``loss_scale``.
     """
 
     loss: Tensor
@@ -89,6 +101,17 @@ class LearningRule:
     #: ``euclidean`` rule): the reference other rules are measured against, and what the
     #: diagnostics that assume the true gradient (``--alignment-score``) need.
     exact_gradient: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse, when it is defined, a rule whose ``backward`` cannot take the step context
+        (the loop always passes ``ctx=``; see the module docstring)."""
+        super().__init_subclass__(**kwargs)
+        params = inspect.signature(cls.backward).parameters
+        if "ctx" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise TypeError(
+                f"{cls.__name__}.backward(model, x, y) must also accept the step context: "
+                "def backward(self, model, x, y, ctx=SINGLE_PROCESS) (decorrelate.context)"
+            )
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
@@ -134,8 +157,14 @@ class LearningRule:
         """Undo what :meth:`attach` changed in the model (hooks, wrappers). Default: nothing."""
         self.model = None
 
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        """Run the rule on one batch and fill ``.grad`` of the trainable parameters."""
+    def backward(
+        self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
+    ) -> StepOutput:
+        """Run the rule on one batch and fill ``.grad`` of the trainable parameters.
+
+        ``ctx``: the step as the loop sees it (see the module docstring): the gradient is that
+        of ``ctx.loss_scale`` times the batch's mean loss.
+        """
         raise NotImplementedError
 
     def diagnostics(self) -> dict[str, float]:

@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import layers as L
+from ..context import SINGLE_PROCESS, StepContext
 from ..errors import UserError
 from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
 from ..options import opt, positive
@@ -291,11 +292,13 @@ class FeedbackAlignment(_FeedbackRule):
         x = args[0]
         return out.detach() + (x - x.detach())
 
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+    def backward(
+        self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
+    ) -> StepOutput:
         self._inputs.clear()  # nothing left over from a forward that raised
         output = self.loss.select(model(x))
         loss = self.loss(output, y)
-        loss.backward()
+        ctx.scaled(loss).backward()
         return StepOutput(loss.detach(), output.detach())
 
     def feedback_pairs(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -406,16 +409,19 @@ class DirectFeedbackAlignment(_FeedbackRule):
             )
         return b, k
 
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+    def backward(
+        self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
+    ) -> StepOutput:
         self._hidden = []
         output = self.loss.select(model(x))
         loss = self.loss(output, y)
+        scaled = ctx.scaled(loss)
         hidden, self._hidden = self._hidden, []
         if not hidden:  # suspended, or a single-layer model: plain BP
-            loss.backward()
+            scaled.backward()
             return StepOutput(loss.detach(), output.detach())
-        (e,) = torch.autograd.grad(loss, output, retain_graph=True)
-        tensors, grads = [loss], [None]
+        (e,) = torch.autograd.grad(scaled, output, retain_graph=True)
+        tensors, grads = [scaled], [None]
         for module, h in hidden:
             b, k = self._feedback_for(module, h.shape, e.shape)
             per = e.reshape(*e.shape[:k], -1)

@@ -84,7 +84,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import current_shard
+from ..context import SINGLE_PROCESS, BatchShard, StepContext
 from ..errors import UserError
 from ..layers import bias_of, find_layers, is_wrapper, loose_parameters, weight_grad, weight_of
 from ..options import opt, positive
@@ -273,7 +273,9 @@ class _Injector:
     node perturbation hold more memory than backprop's saved activations); user samplers and
     recorded traces, which may not be replayable, are kept. Noise is drawn in float32 (or the
     output's dtype, if wider) and rounded to the output's dtype: the same values under bf16
-    autocast as without it.
+    autocast as without it. ``shard`` (the step context's, under torch.distributed): a layer
+    output that is this rank's part of the global batch gets its rows of the noise drawn for
+    the whole global batch.
     """
 
     def __init__(
@@ -283,18 +285,20 @@ class _Injector:
         generator: torch.Generator | None,
         name: str = "",
         keep: bool = True,
+        shard: BatchShard | None = None,
     ) -> None:
         self.sampler, self.sigma, self.generator = sampler, sigma, generator
         self.name = name
         self.builtin = sampler in SOURCES.values()
         self.keep = keep
         self.replay = generator is not None and self.builtin
+        self.shard = shard
 
     def _draw(
         self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, batch: bool
     ) -> Tensor:
-        shard = current_shard()
-        if not batch or shard is None or shape[0] != shard.size or shard.total == shard.size:
+        shard = self.shard
+        if not batch or shard is None or shard.rows(shape[0]) is None:
             return self.sigma * self._sample(shape, device, dtype)
         # One rank of several: draw for the global batch, as a single process would, and keep
         # this rank's rows, so every sample gets its own noise and the run equals the 1-process one.
@@ -319,8 +323,8 @@ class _Injector:
     def draw(self, like: Tensor, batch: bool = True) -> tuple[Tensor, Any]:
         """σ·noise shaped like ``like`` in its dtype, and the token to read it back (or None).
 
-        ``batch``: dim 0 of ``like`` holds the samples (a layer output; under torch.distributed
-        drawn for the global batch), not a parameter."""
+        ``batch``: dim 0 of ``like`` holds the samples (a layer output; with a shard drawn for
+        the global batch), not a parameter."""
         shape, device, dtype = tuple(like.shape), like.device, like.dtype
         token: Any = None
         if self.keep and self.replay:
@@ -434,9 +438,11 @@ class _Passes:
         layers: list[tuple[str, nn.Module]],
         loose: list[tuple[str, Tensor]],
         injector: _Injector,
+        ctx: StepContext = SINGLE_PROCESS,
     ) -> None:
         self.model, self.x, self.y, self.loss = model, x, y, loss
         self.layers, self.loose, self.injector = layers, loose, injector
+        self.ctx = ctx
         self.batch = _batch_size(x)
         self.record: _Record | None = None
         self.sequence: list[int] | None = None
@@ -464,7 +470,7 @@ class _Passes:
             for j in sorted(spec.loose):
                 self._perturb_loose(rec, j)
             raw = self.model(self.x)
-            losses = self.loss(raw, self.y, reduction="none")
+            losses = self.ctx.scaled(self.loss(raw, self.y, reduction="none"))
         finally:
             for j in spec.loose:
                 self.loose[j][1].copy_(self.clean_loose[j])
@@ -879,7 +885,9 @@ class NodePerturbation(LearningRule):
         return 1 + self.samples
 
     # -------------------------------------------------------------- the step
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+    def backward(
+        self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
+    ) -> StepOutput:
         refuse_compiled(model)
         self._find(model)  # cheap, and follows a model changed after attach
         if self.generator is None:  # the noise must not come from the replayed global state
@@ -887,10 +895,15 @@ class NodePerturbation(LearningRule):
             device = x.device if isinstance(x, Tensor) else "cpu"
             self.generator = torch.Generator(device=device).manual_seed(seed)
         injector = _Injector(
-            self.sampler, self.sigma, self.generator, self.noise_name, keep=not self.inaccessible
+            self.sampler,
+            self.sigma,
+            self.generator,
+            self.noise_name,
+            keep=not self.inaccessible,
+            shard=ctx.shard,
         )
         for attempt in range(2):
-            run = _Passes(model, x, y, self.loss, self.layers, self.loose, injector)
+            run = _Passes(model, x, y, self.loss, self.layers, self.loose, injector, ctx)
             start = run.rng.get()
             try:
                 with torch.no_grad():
@@ -903,7 +916,7 @@ class NodePerturbation(LearningRule):
                 run.rng.set(start)  # the clean pass stopped at that layer: start again
             finally:
                 run.close()
-        return StepOutput(losses.mean().detach(), self.loss.select(raw).detach())
+        return StepOutput(ctx.unscaled(losses.mean()).detach(), self.loss.select(raw).detach())
 
     def learn(self, run: _Passes) -> tuple[Tensor, Any]:
         """Run the passes and write ``.grad``; returns the first pass's losses and output."""

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..context import SINGLE_PROCESS, StepContext
 from ..layers import inner_layer, kind_of, weight_of
 from ..metrics import ConvGeometry, alignment_scores
-from ..rules.align import AlignZero
-from ..rules.base import LearningRule, StepOutput
+from .align import AlignZero
+from .base import LearningRule, StepOutput
 
 
 class AlignmentProbe(LearningRule):
@@ -84,11 +85,14 @@ class AlignmentProbe(LearningRule):
             for name, size in self.input_sizes.items()
         }
 
-    def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
+    def backward(
+        self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
+    ) -> StepOutput:
         output = self.loss.select(model(x))
         loss = self.loss(output, y)
-        (error,) = torch.autograd.grad(loss, output, retain_graph=True)
-        loss.backward()
+        scaled = ctx.scaled(loss)
+        (error,) = torch.autograd.grad(scaled, output, retain_graph=True)
+        scaled.backward()
         by_layer = {id(layer): name for name, layer in self._layers.items()}
         with torch.no_grad():
             for layer, gw, _ in self.zero.updates_for_error(x, error.detach()):
