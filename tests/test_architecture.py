@@ -7,7 +7,8 @@ imports), under ``if TYPE_CHECKING`` alike — with relative imports resolved. I
 every package above it (except packages that contain the importer: they are already being
 imported). A *room* is a top-level module or package of ``decorrelate`` (``nn``, ``layers``,
 ``rules``, ``train``, ``fixedpoint``, ...); the rooms are layered (data → model, nn, layers →
-rules → train → experiments → cli), so no two may import each other, directly or around a loop.
+rules → train → experiments → cli), so no two may import each other, directly or around a loop,
+and the core rooms never import the loop, the experiments or the command line.
 """
 
 from __future__ import annotations
@@ -157,3 +158,36 @@ def test_no_two_rooms_import_each_other():
         links = [importers(a, b) for a, b in itertools.pairwise(cycle)]
         raise AssertionError("rooms import each other: " + "; ".join(links))
     assert {"decorrelate.train", "decorrelate.rules", "decorrelate.nn"} <= set(rooms)
+
+
+#: The library's core (data, models, layers, decorrelation, rules, their helpers) and what is
+#: built on it (the training loop, the experiments, the command line): the core never imports
+#: upward, not even lazily inside a function. Rooms that do not exist (yet) are ignored.
+CORE = (
+    "checkpoint",
+    "context",
+    "data",
+    "distributed",
+    "errors",
+    "layers",
+    "losses",
+    "metrics",
+    "models",
+    "nn",
+    "rules",
+    "seeding",
+)
+ABOVE = ("align", "cli", "compare", "experiments", "train")
+
+
+def test_the_core_never_imports_the_loop_the_experiments_or_the_cli():
+    graph = import_graph(ROOT)
+    above = {f"{PACKAGE}.{r}" for r in ABOVE}
+    wrong = sorted(
+        f"{m} -> {d}"
+        for m, deps in graph.items()
+        if room_of(m).split(".")[-1] in CORE
+        for d in deps
+        if room_of(d) in above
+    )
+    assert not wrong, "the core imports upward: " + "; ".join(wrong)

@@ -1,10 +1,12 @@
 """The one training loop, shared by every learning rule and every decorrelation method.
 
 Per step: ``rule.backward`` fills ``.grad`` → ``optimizer.step()`` → decorrelators update from
-their stored subsample. Per epoch (and once before training, as epoch 0): evaluate, append a row to
-``metrics.jsonl``, write ``checkpoint.pt`` atomically. Everything random comes from generators
-derived from the run seed, so the same seed gives the same metrics on CPU, and resuming from a
-checkpoint continues bit-identically.
+their stored subsample. What the step is (its index, and under torch.distributed this rank's
+shard of the global batch and its loss weight) goes to the rule and the decorrelators as an
+explicit :class:`~decorrelate.context.StepContext`. Per epoch (and once before training, as
+epoch 0): evaluate, append a row to ``metrics.jsonl``, write ``checkpoint.pt`` atomically.
+Everything random comes from generators derived from the run seed, so the same seed gives the
+same metrics on CPU, and resuming from a checkpoint continues bit-identically.
 """
 
 from __future__ import annotations
