@@ -152,3 +152,35 @@ def test_no_module_keeps_the_shard_or_the_loss_weight():
     assert not hasattr(dist, "current_shard") and not hasattr(dist, "batch_shard")
     assert not hasattr(dc.Loss("mse"), "scale")
     assert copy.copy(SINGLE_PROCESS) == StepContext()
+
+
+@pytest.mark.parametrize("name", ["euclidean", "linearized", "linearized-g", "bptt"])
+def test_fixed_point_rules_weight_their_update_by_the_loss_scale(name):
+    """The fixed-point rules' updates are linear in ∂L/∂r: the context's weight scales W.grad
+    exactly as it scales the loss, and the reported loss is the batch's own."""
+    import decorrelate.fixedpoint  # noqa: F401  (registers the rules)
+    from decorrelate.fixedpoint.model import RateRNN
+    from decorrelate.fixedpoint.solver import SolverConfig
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (9,), generator=gen)
+    results = []
+    for ctx in (SINGLE_PROCESS, StepContext(4, SHARDS[0], 0.75)):
+        model = RateRNN(
+            7,
+            5,
+            3,
+            w_scale=0.6,
+            solver=SolverConfig(tol=1e-12, max_iter=2000),
+            generator=torch.Generator().manual_seed(1),
+            dtype=torch.float64,
+        )
+        rule = dc.get_rule(name)
+        rule.attach(model, dc.Loss("cross-entropy"))
+        out = rule.backward(model, x, y, ctx=ctx)
+        results.append((out.loss, model.W.grad.clone()))
+    (loss, grad), (loss_w, grad_w) = results
+    assert grad.abs().max() > 0
+    torch.testing.assert_close(loss_w, loss)
+    torch.testing.assert_close(grad_w, 0.75 * grad, rtol=1e-9, atol=1e-12)
