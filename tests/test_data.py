@@ -81,7 +81,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     monkeypatch.delenv("DECORRELATE_DATA", raising=False)
     monkeypatch.setenv("DECORRELATE_NO_DOWNLOAD", "1")
-    monkeypatch.setattr(data, "SHARED_FALLBACK_ROOTS", [])
+    monkeypatch.setattr(data.locate, "SHARED_FALLBACK_ROOTS", [])
 
     def no_network(*args, **kwargs):
         raise AssertionError("tests must not touch the network")
@@ -265,7 +265,7 @@ def test_resolution_order(isolated, tmp_path, fake_mnist, monkeypatch):
     cwd_data = copy_idx_set(fake_mnist, isolated / "data" / "mnist")
     cwd_shared = copy_idx_set(fake_mnist, tmp_path / "work" / "shared" / "data" / "mnist")
     fallback = copy_idx_set(fake_mnist, tmp_path / "fallback" / "mnist")
-    monkeypatch.setattr(data, "SHARED_FALLBACK_ROOTS", [fallback.parent])
+    monkeypatch.setattr(data.locate, "SHARED_FALLBACK_ROOTS", [fallback.parent])
     monkeypatch.setenv("DECORRELATE_DATA", str(env_root))
 
     assert data.resolve_root("mnist", explicit) == explicit / "mnist"
@@ -357,7 +357,7 @@ CIFAR_N = 4  # examples per fake pickle file
 
 def fake_cifar_batches(key: str) -> dict[str, dict[bytes, object]]:
     """Tiny CIFAR-like batches: distinct pixel data and labels per file."""
-    spec = data._CIFAR[key]
+    spec = data.catalog._CIFAR[key]
     rng = np.random.default_rng(1)
     batches = {}
     for i, fname in enumerate(spec.files):
@@ -401,13 +401,13 @@ def write_cifar_tarball(path: Path, folder: str, batches: dict) -> Path:
 @pytest.fixture
 def cifar_counts(monkeypatch):
     """Expected counts patched to the fake files' sizes."""
-    for key, spec in data._CIFAR.items():
+    for key, spec in data.catalog._CIFAR.items():
         counts = (CIFAR_N * len(spec.train_files), CIFAR_N * len(spec.test_files))
         monkeypatch.setitem(data.CIFAR_COUNTS, key, counts)
 
 
 def assert_matches_batches(splits: data.DataSplits, key: str, batches: dict) -> None:
-    spec = data._CIFAR[key]
+    spec = data.catalog._CIFAR[key]
     train_raw = np.concatenate([batches[f][b"data"] for f in spec.train_files])
     train_labels = [label for f in spec.train_files for label in batches[f][spec.label_key]]
     assert splits.train.x.shape == (len(train_raw), 3, 32, 32)
@@ -423,7 +423,7 @@ def assert_matches_batches(splits: data.DataSplits, key: str, batches: dict) -> 
 
 @pytest.mark.parametrize("key", ["cifar10", "cifar100"])
 def test_cifar_from_tarball(isolated, tmp_path, monkeypatch, cifar_counts, key):
-    spec = data._CIFAR[key]
+    spec = data.catalog._CIFAR[key]
     batches = fake_cifar_batches(key)
     tarball = write_cifar_tarball(tmp_path / "d" / key / spec.tarball, spec.folder, batches)
     monkeypatch.setitem(data.CIFAR_MD5, spec.tarball, md5_of(tarball))
@@ -435,7 +435,7 @@ def test_cifar_from_tarball(isolated, tmp_path, monkeypatch, cifar_counts, key):
 @pytest.mark.parametrize("key", ["cifar10", "cifar100"])
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_cifar_from_extracted_folder(isolated, tmp_path, cifar_counts, key, protocol):
-    spec = data._CIFAR[key]
+    spec = data.catalog._CIFAR[key]
     batches = fake_cifar_batches(key)
     folder = write_cifar_folder(tmp_path / "d" / spec.folder, batches, protocol)
     splits = data.load_dataset(key, data_dir=tmp_path / "d", normalize=False)
@@ -445,7 +445,7 @@ def test_cifar_from_extracted_folder(isolated, tmp_path, cifar_counts, key, prot
 
 
 def test_cifar_tarball_checksum_mismatch(isolated, tmp_path, cifar_counts):
-    spec = data._CIFAR["cifar10"]
+    spec = data.catalog._CIFAR["cifar10"]
     tarball = write_cifar_tarball(
         tmp_path / spec.tarball, spec.folder, fake_cifar_batches("cifar10")
     )
@@ -455,7 +455,7 @@ def test_cifar_tarball_checksum_mismatch(isolated, tmp_path, cifar_counts):
 
 
 def test_cifar_tarball_missing_member(isolated, tmp_path, monkeypatch, cifar_counts):
-    spec = data._CIFAR["cifar10"]
+    spec = data.catalog._CIFAR["cifar10"]
     batches = fake_cifar_batches("cifar10")
     del batches["data_batch_3"]
     tarball = write_cifar_tarball(tmp_path / spec.tarball, spec.folder, batches)
@@ -669,8 +669,31 @@ def test_unknown_dataset_lists_valid_names():
 
 def test_name_aliases():
     assert data.load_dataset("SYNTHETIC", **SYN).train.name == "synthetic"
-    assert data._canonical_name("CIFAR-10") == "cifar10"
-    assert data._canonical_name("fashion_mnist") == "fashion-mnist"
+    assert data.catalog._canonical_name("CIFAR-10") == "cifar10"
+    assert data.catalog._canonical_name("fashion_mnist") == "fashion-mnist"
+
+
+def test_package_reexports_the_submodules_objects():
+    """``decorrelate.data`` re-exports each public name as the very object of its submodule.
+
+    The lookup tables must be the same dicts, or a patched checksum would not reach the readers.
+    """
+    import importlib
+
+    submodules = ["catalog", "dataset", "download", "loading", "locate", "synthetic", "transforms"]
+    owners = {}
+    for sub in submodules:
+        module = importlib.import_module(f"decorrelate.data.{sub}")
+        for name, value in vars(module).items():
+            if not name.startswith("_") and getattr(value, "__module__", module.__name__) == (
+                module.__name__
+            ):
+                owners.setdefault(name, value)
+    for name in data.__all__:
+        assert getattr(data, name) is owners[name], name
+    assert data.IDX_MD5 is data.catalog.IDX_MD5 and data.CIFAR_MD5 is data.sources.CIFAR_MD5
+    assert data.CIFAR_COUNTS is data.sources.CIFAR_COUNTS
+    assert data.IDX_MIRRORS is data.locate.IDX_MIRRORS
 
 
 # ------------------------------------------------------------------------------------------

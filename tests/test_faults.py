@@ -343,7 +343,7 @@ def elsewhere(tmp_path, monkeypatch):
     cwd = tmp_path / "cwd"
     _idx_names(cwd / "data" / "mnist")
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(data, "SHARED_FALLBACK_ROOTS", [])
+    monkeypatch.setattr(data.locate, "SHARED_FALLBACK_ROOTS", [])
     monkeypatch.delenv("DECORRELATE_DATA", raising=False)
     monkeypatch.setenv("DECORRELATE_NO_DOWNLOAD", "1")
     return cwd

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data import Dataset, DataSplits
+from .data.dataset import Dataset, DataSplits
 from .errors import UserError
 
 __all__ = ["CharTask", "char_task", "generate_corpus"]

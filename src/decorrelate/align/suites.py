@@ -46,7 +46,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from ..config import TrainConfig, make_config, save_config
-from ..data import Dataset, DataSplits
+from ..data.dataset import Dataset, DataSplits
 from ..errors import TrainingDiverged, UserError
 from ..rules.probe import AlignmentProbe
 from ..seeding import make_generator

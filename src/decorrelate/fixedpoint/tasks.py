@@ -25,7 +25,6 @@ Everything random comes from generators derived from ``seed``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -372,8 +371,3 @@ def run_task(cfg: FixedPointConfig, out: str | Path | None = None) -> RunOutcome
     if runner is None:
         raise UserError(f"task {cfg.task!r} is not a training task; choose linear-teacher or mnist")
     return runner(cfg, out)
-
-
-def with_rule(cfg: FixedPointConfig, rule: str, lr: float) -> FixedPointConfig:
-    """A copy of ``cfg`` for another rule and learning rate."""
-    return dataclasses.replace(cfg, rule=rule, lr=lr)
