@@ -1,8 +1,9 @@
 """Every learning rule × every decorrelation method trains through the public training loop.
 
-The rules and methods are not listed here: they are the choices ``decorrelate train`` offers for
-``rule`` and ``decor`` (:func:`decorrelate.config.choices_of`, which reads the rule registry, the
-shorthands dnp/dinp/danp and :data:`decorrelate.nn.METHODS`), so a rule or method registered later
+The rules and methods are not listed here: they are every registered rule
+(:func:`decorrelate.rules.available_rules`, those of ``decorrelate fixedpoint`` included), the
+choices ``decorrelate train`` offers for ``rule`` (the shorthands dnp/dinp/danp too) and for
+``decor`` (:data:`decorrelate.nn.METHODS`), so a rule or method registered later
 is included automatically, and :func:`test_the_enumeration_is_complete` fails if the two ever
 drift apart. Compositions that are not defined are listed, each with its reason, in the one table
 :data:`UNDEFINED`; for those the test checks that the loop refuses them with a one-line
@@ -38,14 +39,14 @@ import torch
 from torch import nn
 
 from decorrelate import UserError, make_config
-from decorrelate.config import RULE_SHORTHANDS, choices_of
-from decorrelate.fixedpoint.rules import FIXEDPOINT_RULES
+from decorrelate.config import choices_of
 from decorrelate.nn import METHODS, decorrelators
-from decorrelate.rules import available_rules
+from decorrelate.rules import available_rules, rule_class, shorthands
 from decorrelate.train import Trainer
 
 #: The rules and decorrelation methods the training loop offers (what the CLI accepts).
-RULES: tuple[str, ...] = choices_of("rule") or ()
+#: Every registered rule (those of other commands included) and every shorthand.
+RULES: tuple[str, ...] = tuple(dict.fromkeys((*available_rules(), *(choices_of("rule") or ()))))
 DECORS: tuple[str, ...] = choices_of("decor") or ()
 
 #: Training steps per composition. zca/newton first recompute R after 10 updates.
@@ -83,7 +84,8 @@ UNDEFINED: dict[tuple[str, str], str] = {
         "a fixed-point rule trains a rate RNN solved to its fixed point (`decorrelate "
         "fixedpoint`); the feed-forward training loop has no such model"
     )
-    for rule in FIXEDPOINT_RULES
+    for rule in available_rules()
+    if rule_class(rule).command != "train"
     for decor in DECORS
 }
 
@@ -128,7 +130,8 @@ def readout_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def test_the_enumeration_is_complete():
     """Every registered rule, shorthand and method is enumerated, and the tables are not stale."""
-    assert set(available_rules()) | set(RULE_SHORTHANDS) <= set(RULES)
+    assert set(available_rules()) | set(shorthands()) <= set(RULES)
+    assert set(choices_of("rule") or ()) <= set(RULES)
     assert ("none", *METHODS) == DECORS
     assert set(UNDEFINED) <= set(product(RULES, DECORS))
     assert {model for model, _ in NO_DESCENT} <= set(MODELS)
