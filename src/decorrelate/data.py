@@ -72,7 +72,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
+DATASETS: tuple[str, ...] = (
+    "mnist",
+    "fashion-mnist",
+    "cifar10",
+    "cifar100",
+    "synthetic",
+    "add-task",
+)
+#: Data sets generated from the ``synthetic_*`` options (no files). ``add-task``
+#: (:mod:`decorrelate.addtask`) is a regression set of sequences, never normalised.
+GENERATED: tuple[str, ...] = ("synthetic", "add-task")
 #: How inputs are scaled (see :func:`load_dataset`): standardised per channel, pixels/255, raw.
 NORMALIZATIONS: tuple[str, ...] = ("standard", "unit", "none")
 
@@ -82,6 +92,7 @@ _DISPLAY_NAMES = {
     "cifar10": "CIFAR-10",
     "cifar100": "CIFAR-100",
     "synthetic": "synthetic",
+    "add-task": "Add task",
 }
 _ALIASES = {
     "fashion_mnist": "fashion-mnist",
@@ -343,12 +354,19 @@ def load_dataset(
         train, test = make_synthetic(
             synthetic_shape, synthetic_classes, synthetic_train, synthetic_test, synthetic_seed
         )
+    elif key == "add-task":
+        train, test = _make_add_task(
+            synthetic_shape, synthetic_train, synthetic_test, synthetic_seed
+        )
     else:
         root = _find_or_download(key, data_dir, download)
         train, test = _load_files(key, root)
     train, val = _split_validation(train, val_split, key)
     train = _take_train_subset(train, train_size, key)
-    mean, std = _normalize_splits(train, val, test, normalize, pixels=key != "synthetic")
+    if key == "add-task":  # the task's own bits: no scaling (not a normalisable image)
+        mean, std = [0.0], [1.0]
+    else:
+        mean, std = _normalize_splits(train, val, test, normalize, pixels=key != "synthetic")
     return DataSplits(train=train, test=test, val=val, root=root, mean=mean, std=std)
 
 
@@ -359,7 +377,7 @@ def resolve_root(name: str, data_dir: str | Path | None = None) -> Path | None:
     is the folder holding the tarball, or the extracted folder itself.
     """
     key = _canonical_name(name)
-    if key == "synthetic":
+    if key in GENERATED:
         return None
     for directory in _search_dirs(key, data_dir):
         if _has_required_files(key, directory):
@@ -881,6 +899,16 @@ def make_synthetic(
         x.add_(torch.randn(n, d, generator=gen), alpha=_ISOTROPIC_NOISE)
         splits.append(Dataset(x.reshape(n, *shape), y, num_classes, "synthetic"))
     return splits[0], splits[1]
+
+
+def _make_add_task(
+    shape: Sequence[int], n_train: int, n_test: int, seed: int
+) -> tuple[Dataset, Dataset]:
+    """The Add task (:mod:`decorrelate.addtask`) as regression data sets, ``shape`` = [T, 1]."""
+    from decorrelate.addtask import make_add_task, sequence_length
+
+    (x, y), (xt, yt) = make_add_task(n_train, n_test, sequence_length(shape), seed)
+    return Dataset(x, y, 1, "add-task"), Dataset(xt, yt, 1, "add-task")
 
 
 def _check_synthetic_args(
