@@ -230,6 +230,11 @@ class Loss:
         return per_token.reshape(per_token.shape[0], -1).sum(1) / valid
 
     def _check_shapes(self, output: Tensor, y: Tensor) -> None:
+        if self.name == "mse" and y.dtype.is_floating_point:
+            raise UserError(
+                f"the regression targets {tuple(y.shape)} do not fit the output "
+                f"{tuple(output.shape)}: loss 'mse' on float targets needs both of one shape"
+            )
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise UserError(
                 f"loss {self.name!r} needs class-index targets (integers), got {y.dtype}; for "

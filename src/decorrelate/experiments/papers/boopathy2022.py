@@ -172,9 +172,10 @@ def rnn_plan(spec: Mapping[str, Any], out: Path) -> Plan:
     """The Add task vs RNN width (one hidden layer)."""
 
     def options(point: dict[str, Any]) -> dict[str, Any]:
-        return {"widths": [point["width"]], "rule": point["rule"], "seed": point["seed"]}
+        rule, seed = point["rule"], point["seed"]
+        return {"widths": [point["width"]], "rule": rule, "seed": seed, "threads": 1}
 
-    return _sweep(spec, out, "width", spec["widths"], lambda p: {**options(p), "threads": 1})
+    return _sweep(spec, out, "width", spec["widths"], options)
 
 
 PLANNERS: dict[str, Callable[[Mapping[str, Any], Path], Plan]] = {
@@ -445,10 +446,6 @@ def _span(results: Sequence[Result], axis: str) -> tuple[Any, Any]:
     return xs[0], max(x for x in xs if len(seeds[x]) == most)
 
 
-def _fmt(values: Sequence[float], scale: float, digits: int) -> str:
-    return cell(values, scale, digits)
-
-
 def gap_shrinks(
     plan: str,
     axis: str,
@@ -483,8 +480,8 @@ def gap_shrinks(
                 f"no seed of {rule} and {reference} at both {axis} {small} and {large}"
             )
         ours = (
-            f"gap to {reference} {_fmt(list(at_small.values()), scale, digits)} {unit} at "
-            f"{axis} {small} → {_fmt(list(at_large.values()), scale, digits)} at {large}"
+            f"gap to {reference} {cell(list(at_small.values()), scale, digits)} {unit} at "
+            f"{axis} {small} → {cell(list(at_large.values()), scale, digits)} at {large}"
         )
         return Finding(ours, verdict(diffs))
 
@@ -524,7 +521,7 @@ def beats_at_smallest(
         results = _flat(groups[plan])
         small, _ = _span(results, axis)
         a, b, diffs = _advantage(results, axis, key, rules, baselines, small)
-        ours = f"{a} − {b} at {axis} {small}: {_fmt(list(diffs.values()), 100.0, 1)} points"
+        ours = f"{a} − {b} at {axis} {small}: {cell(list(diffs.values()), 100.0, 1)} points"
         return Finding(ours, verdict(list(diffs.values())))
 
     return judge
@@ -543,8 +540,8 @@ def advantage_shrinks(
         _, _, hi = _advantage(results, axis, key, rules, baselines, large)
         diffs = [lo[s] - hi[s] for s in lo if s in hi]
         ours = (
-            f"best align − best fa/dfa: {_fmt(list(lo.values()), 100.0, 1)} points at {axis} "
-            f"{small}, {_fmt(list(hi.values()), 100.0, 1)} at {large}"
+            f"best align − best fa/dfa: {cell(list(lo.values()), 100.0, 1)} points at {axis} "
+            f"{small}, {cell(list(hi.values()), 100.0, 1)} at {large}"
         )
         return Finding(ours, verdict(diffs))
 
@@ -574,8 +571,8 @@ def score_rises(plan: str, axis: str) -> Callable[[Mapping[str, Groups]], Findin
         if not diffs:
             raise ValueError(f"no bp seed at both {axis} {small} and {large}")
         ours = (
-            f"mean over {len(layers)} layers {_fmt(list(lo.values()), 1.0, 3)} at {axis} {small} "
-            f"→ {_fmt(list(hi.values()), 1.0, 3)} at {large}"
+            f"mean over {len(layers)} layers {cell(list(lo.values()), 1.0, 3)} at {axis} {small} "
+            f"→ {cell(list(hi.values()), 1.0, 3)} at {large}"
         )
         return Finding(ours, verdict(diffs))
 
