@@ -1,9 +1,9 @@
 """align-ada on the ``align-width-conv`` sweep with both batch-norm mixing points, side by side.
 
-``real`` (the default, the authors' code) reuses the suite's own align-ada runs in
-``benchmarks/results/align-width-conv/runs/`` (run them first with ``bench_align_suites.py``);
-``twin`` (``--align-bn-mixing twin``) runs the same configurations into
-``benchmarks/results/align_bn_mixing/runs/``. Same data, seeds and sizes as the suite.
+``real`` (the default, the authors' code) reuses the paper plan's own align-ada runs in
+``benchmarks/results/align-width-conv/runs/`` (run them first with ``bench_align_suites.py``, or
+they are trained here); ``twin`` (``--align-bn-mixing twin``) runs the same configurations into
+``benchmarks/results/align_bn_mixing/runs/``. Same data, seeds and sizes as the cpu-scale plan.
 
     python benchmarks/bench_align_bn_mixing.py
 """
@@ -11,47 +11,43 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
-from decorrelate.align.suites import (
-    _seeds_for,
-    _test_subset,
-    _width_config,
-    load_suite,
-    make_config,
-    sweep_table,
-    train_classifier,
-)
-from decorrelate.train import load_data
+from decorrelate.experiments.papers.boopathy2022 import plan_for
+from decorrelate.experiments.plan import Plan, Run
+from decorrelate.experiments.report import pivot_table, write_table
+from decorrelate.experiments.runner import run_plan
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/align_bn_mixing")
-    parser.add_argument("--suite-out", default="benchmarks/results/align-width-conv")
+    parser.add_argument("--results", default="benchmarks/results", help="the paper's directory")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    spec = load_suite("align-width-conv")
-    data = _test_subset(load_data(make_config(spec["base"], {"rule": "bp"})), spec["test_size"])
-    grouped: dict[str, dict[int, list[float]]] = {}
-    for mixing, out in (("real", Path(args.suite_out)), ("twin", Path(args.out))):
-        for width in spec["widths"]:
-            for seed in _seeds_for(spec, width):
-                _, cfg = _width_config(spec, "align-ada", width, seed, out, data.num_classes)
-                cfg = dataclasses.replace(cfg, align_bn_mixing=mixing)
-                print(mixing, cfg.out, flush=True)
-                history = train_classifier(cfg, data)
-                acc = history[-1]["test_acc"] if history else float("nan")
-                grouped.setdefault(f"align-ada ({mixing})", {}).setdefault(width, []).append(acc)
-    table = sweep_table(grouped, "channels")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "results.md").write_text(table + "\n")
-    (Path(args.out) / "results.json").write_text(json.dumps(grouped, indent=1) + "\n")
-    print(table)
+    conv = plan_for("align-width-conv", "cpu", Path(args.results))
+    runs = []
+    for run in conv.runs:
+        if run.axes["rule"] != "align-ada":
+            continue
+        runs.append(Run(run.kind, run.config, {**run.axes, "mixing": "real"}, run.out, run.group))
+        out = Path(args.out) / "runs" / run.out.name
+        cfg = run.config.replace(align_bn_mixing="twin", out=str(out))
+        runs.append(Run(run.kind, cfg, {**run.axes, "mixing": "twin"}, out, f"{run.group} twin"))
+    plan = Plan("align-bn-mixing", runs, [*conv.axes, "mixing"]).check()
+    table = pivot_table(
+        run_plan(plan, keep_going=True),
+        "mixing",
+        "channels",
+        "final_test_acc",
+        scale=100.0,
+        digits=1,
+        title="align-ada, final test accuracy (%) by batch-norm mixing point:",
+    )
+    write_table(table, Path(args.out) / "results")
+    print(table.markdown())
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 import decorrelate.rules.align  # noqa: F401  (registers the align rules)
-from decorrelate import Trainer, get_rule, make_config
-from decorrelate.align import SequenceMSE, build_rnn, make_add_task
+from decorrelate import Loss, Trainer, build_model, get_rule, make_config
 from decorrelate.data import load_dataset
+from decorrelate.data.addtask import make_add_task
+from decorrelate.seeding import derive_seed
 
 RULES = ["bp", "fa", "dfa", "last-layer", "align-prop", "align-zero", "align-ada"]
 RNN_RULES = ["bp", "last-layer", "align-zero", "align-ada"]
@@ -71,13 +72,14 @@ def classifier_steps(
 
 def rnn_steps(width: int, rules: list[str], steps: int):
     """One closure per rule: ``steps`` SGD steps of the Add task (batch 30, T = 100)."""
-    task = make_add_task()
-    x, y = task.x_train[:30], task.y_train[:30]
+    (x, y), _ = make_add_task()
+    x, y = x[:30], y[:30]
     closures = {}
     for rule in rules:
-        model = build_rnn(width, 0)
+        torch.manual_seed(derive_seed(0, "model"))  # the Add task's RNN of seed 0
+        model = build_model("rnn-ntk", tuple(x.shape[1:]), 1, widths=[width], activation="relu")
         learner = get_rule(rule)
-        learner.attach(model, SequenceMSE())
+        learner.attach(model, Loss("mse"))
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
         def run(model=model, learner=learner, opt=opt) -> None:

@@ -1,8 +1,9 @@
-"""Align-zero / Align-ada / Align-prop, last-layer, the alignment score, NTK models, Add task."""
+"""Align-zero / Align-ada / Align-prop, last-layer, the alignment score, NTK models.
+
+The Add task and the paper's experiments: tests/test_boopathy2022.py."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,18 +12,9 @@ from torch.func import functional_call, grad, jvp
 
 import decorrelate.rules.align  # noqa: F401  (registers the align rules)
 from decorrelate import Loss, UserError, build_model, get_rule, make_config, resume, train
-from decorrelate.align import (
-    AlignmentProbe,
-    SequenceMSE,
-    add_targets,
-    build_rnn,
-    make_add_task,
-    run_suite,
-    shift,
-    suite_names,
-    train_add_task,
-)
-from decorrelate.checkpoint import load_checkpoint, read_metrics
+from decorrelate.align import AlignmentProbe
+from decorrelate.checkpoint import load_checkpoint
+from decorrelate.data.addtask import add_targets
 from decorrelate.metrics import (
     ConvGeometry,
     alignment_score,
@@ -65,13 +57,14 @@ def ntk_convnet(seed=0):
 
 
 def ntk_rnn(seed=0):
-    return build_rnn(12, seed).double()
+    torch.manual_seed(seed)
+    return build_model("rnn-ntk", (9, 1), 1, widths=[12], activation="relu").double()
 
 
 CASES = {
     "mlp": (ntk_mlp, (1, 5, 5), Loss("mse-shifted"), 4),
     "convnet-bn": (ntk_convnet, (2, 8, 8), Loss("cross-entropy"), 3),
-    "rnn": (ntk_rnn, None, SequenceMSE(), None),
+    "rnn": (ntk_rnn, None, Loss("mse"), None),
 }
 
 
@@ -588,68 +581,6 @@ def test_vanilla_rnn_follows_its_equation():
         rnn(torch.zeros(4, 2))
 
 
-# ----------------------------------------------------------------------------- Add task
-
-
-def test_add_task_targets_are_shifted_without_wrap_around():
-    x = torch.zeros(1, 8, 1)
-    x[0, -1] = 1.0  # only the last input is on: it must not reappear at the start
-    assert torch.equal(add_targets(x), torch.full_like(x, 0.5))
-    ones = torch.ones(1, 8, 1)
-    expected = [0.5, 0.5, 1.0, 1.0, 1.0, 0.75, 0.75, 0.75]
-    assert add_targets(ones).flatten().tolist() == expected
-    task = make_add_task(n_train=30, n_test=10, steps=100, seed=3)
-    assert task.x_train.shape == (30, 100, 1) and task.x_test.shape == (10, 100, 1)
-    assert set(task.x_train.unique().tolist()) <= {0.0, 1.0}
-    x = task.x_train[..., 0]
-    for t in range(100):
-        want = torch.full((30,), 0.5)
-        if t >= 2:
-            want = want + 0.5 * x[:, t - 2]
-        if t >= 5:
-            want = want - 0.25 * x[:, t - 5]
-        torch.testing.assert_close(task.y_train[:, t, 0], want)
-    torch.testing.assert_close(shift(task.x_train, 0), task.x_train)
-    assert torch.equal(make_add_task(seed=3).x_train, make_add_task(seed=3).x_train)
-
-
-def test_add_task_training_beats_readout_only():
-    task = make_add_task(n_train=60, n_test=20, steps=20, seed=0)
-    runs = {
-        rule: train_add_task(rule, 32, task=task, epochs=8, lr=0.3, batch_size=20, seed=1)[
-            "history"
-        ]
-        for rule in ("bp", "align-ada", "last-layer")
-    }
-    for rule, history in runs.items():
-        assert history[-1]["test_mse"] < history[0]["test_mse"], rule
-    assert runs["bp"][-1]["train_mse"] < runs["last-layer"][-1]["train_mse"]
-    assert runs["align-ada"][-1]["train_mse"] < runs["last-layer"][-1]["train_mse"]
-
-
-# ----------------------------------------------------------------------------- suites
-
-
-def test_every_suite_runs_in_quick_mode_and_reuses_finished_runs(tmp_path):
-    assert set(suite_names()) >= {"align-width", "align-width-conv", "align-lowdata", "align-rnn"}
-    for name in suite_names():
-        files = run_suite(name, tmp_path / name, quick=True, log=None)
-        assert all(Path(f).exists() for f in files)
-        assert any(str(f).endswith(".png") for f in files)
-        runs = json.loads((tmp_path / name / "results.json").read_text())["runs"]
-        assert runs and all("rule" in r and "x" in r for r in runs)
-        assert "| rule |" in (tmp_path / name / "results.md").read_text()
-    width_runs = tmp_path / "align-width" / "runs"
-    bp_run = next(width_runs.glob("bp-*"))
-    assert "align_score_shuffled/2" in read_metrics(bp_run)[-1]
-    assert not (bp_run / "checkpoint.pt").exists()
-    stamp = (bp_run / "metrics.jsonl").stat().st_mtime_ns
-    run_suite("align-width", tmp_path / "align-width", quick=True, log=None)
-    assert (bp_run / "metrics.jsonl").stat().st_mtime_ns == stamp  # reused, not retrained
-    with pytest.raises(UserError, match="unknown suite"):
-        run_suite("align-nothing", tmp_path / "x", quick=True, log=None)
-
-
 @pytest.mark.parametrize("name", ["align-zero", "align-ada"])
 @pytest.mark.parametrize("conv", [False, True])
 def test_align_rules_on_decorrelated_layers_equal_bp_when_twin_is_current(name, conv):
@@ -676,11 +607,3 @@ def _decors(model):
     from decorrelate.nn import decorrelators
 
     return [m for _, m in decorrelators(model)]
-
-
-def test_reproduce_command_runs_a_quick_suite(tmp_path):
-    from decorrelate.cli import main
-
-    assert main(["reproduce", "--list"]) == 0
-    assert main(["reproduce", "align-rnn", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "rnn_loss_vs_width.png").exists()

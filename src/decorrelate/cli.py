@@ -117,15 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "reproduce",
-        help="run a named experiment suite (tables and PNG plots)",
-        description="Run a named suite from decorrelate/experiments (see --list). Finished runs "
-        "found in OUT are reused.",
+        help="reproduce a paper's experiments (tables, PNG plots, claims table)",
+        description="Run a paper's experiments, or one of them by name (see --list). Finished "
+        "runs found in OUT are reused.",
     )
-    p.add_argument("name", nargs="?", help="suite name (see --list)")
+    p.add_argument("name", nargs="?", help="paper or experiment name (see --list)")
     p.add_argument("--out", default=None, help="output directory (default runs/NAME)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes on synthetic data (smoke test)")
-    p.add_argument("--list", action="store_true", help="list the suite names")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoint.pt")
+    p.add_argument("--scale", default="cpu", help="quick, cpu (default) or paper")
+    p.add_argument("--quick", action="store_true", help="--scale quick (a smoke test)")
+    p.add_argument("--list", action="store_true", help="list the papers and experiments")
+    p.add_argument("--keep-checkpoints", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="print only the files written")
 
     p = sub.add_parser("demo", help="the README demo: MNIST, MLP, Adam, compared side by side")
@@ -344,17 +345,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .align import run_suite, suite_names
+    from .experiments.papers import ALIASES, paper_names, reproduce
 
     if args.list or not args.name:
-        print("\n".join(suite_names()))
+        print("\n".join([*paper_names(), *ALIASES]))
         return 0 if args.list else EXIT_USER
-    files = run_suite(
+    _, files = reproduce(
         args.name,
         Path(args.out or f"runs/{args.name}"),
-        quick=args.quick,
+        scale="quick" if args.quick else args.scale,
         log=None if args.quiet else print,
-        keep_checkpoints=args.keep_checkpoints,
     )
     for path in files:
         print(f"wrote {path}")

@@ -164,6 +164,22 @@ class TrainOptions(Options):
         optional=True,
         group="data",
     )
+    test_size: int | None = opt(
+        None,
+        "evaluate on a fixed random subset of this many test examples (faster evaluation)",
+        "int",
+        check=positive,
+        optional=True,
+        group="data",
+    )
+    epoch_size: int | None = opt(
+        None,
+        "repeat a smaller training set until one epoch has at least this many examples",
+        "int",
+        check=positive,
+        optional=True,
+        group="data",
+    )
     normalize: str = opt(
         "standard",
         "input scaling: standard (per channel, training-set statistics), unit (pixels/255, the "

@@ -24,6 +24,11 @@ the usual ones there):
   of different lengths NP follows the gradient of the mean of per-sequence means, which weights
   every sequence equally rather than every token. ``mse-shifted`` is the Align paper's target:
   one-hot shifted by −0.1.
+
+Regression: ``mse`` also takes float targets of the output's own shape (``[B, outputs]`` or a
+sequence ``[B, T, outputs]``, the Add task of :mod:`decorrelate.data.addtask`): 0.5·‖f − y‖² per
+position, averaged over a sample's positions, one loss per sample (see :meth:`Loss.regression`).
+There is no accuracy then (:meth:`Loss.classifies`); the loop reports the loss.
 """
 
 from __future__ import annotations
@@ -164,6 +169,8 @@ class Loss:
             output = self.select(output)
         if self.fn is not None:
             return self._call_fn(output, y, reduction)
+        if self.regression(output, y):
+            return self._regression(output, y, reduction)
         self._check_shapes(output, y)
         return self._builtin(output, y, reduction)
 
@@ -185,6 +192,27 @@ class Loss:
             per_token = 0.5 * (output - target).pow(2).sum(-1) * mask
         return self._reduce_tokens(per_token, mask, reduction)
 
+    def regression(self, output: Tensor, y: Tensor) -> bool:
+        """Whether ``y`` is a regression target of ``output``: ``mse`` with float targets of the
+        output's own shape (e.g. a sequence ``[B, T, outputs]``, the Add task)."""
+        return (
+            self.fn is None
+            and self.name == "mse"
+            and y.dtype.is_floating_point
+            and tuple(y.shape) == tuple(output.shape)
+        )
+
+    def _regression(self, output: Tensor, y: Tensor, reduction: str) -> Tensor:
+        """0.5·‖f(x) − y‖² per position (summed over the last dim, the outputs), averaged over
+        the positions of a sample (time steps): one loss per sample, then ``reduction`` over
+        them. So ``"sum"`` / :meth:`count` (one per sample) is the mean, and the gradient's
+        scale does not grow with the sequence length."""
+        per_position = 0.5 * (output - y.to(output.dtype)).pow(2)
+        if output.dim() > 1:
+            per_position = per_position.sum(-1)
+        per_sample = per_position.reshape(output.shape[0], -1).mean(1)
+        return reduce(per_sample, reduction)
+
     def _reduce_tokens(self, per_token: Tensor, mask: Tensor, reduction: str) -> Tensor:
         """Per-token losses (0 where ignored) → token mean, token sum, or per-sample means."""
         if reduction == "sum":
@@ -197,10 +225,15 @@ class Loss:
         return per_token.reshape(per_token.shape[0], -1).sum(1) / valid
 
     def _check_shapes(self, output: Tensor, y: Tensor) -> None:
+        if self.name == "mse" and y.dtype.is_floating_point:
+            raise UserError(
+                f"the regression targets {tuple(y.shape)} do not fit the output "
+                f"{tuple(output.shape)}: loss 'mse' on float targets needs both of one shape"
+            )
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise UserError(
-                f"loss {self.name!r} needs class-index targets (integers), got {y.dtype}; pass a "
-                "loss callable for other targets"
+                f"loss {self.name!r} needs class-index targets (integers), got {y.dtype}; for "
+                "regression targets of the output's shape use loss 'mse', or pass a loss callable"
             )
         if output.dim() != y.dim() + 1 or output.shape[:-1] != y.shape:
             raise UserError(
@@ -264,6 +297,11 @@ class Loss:
         if y.dtype.is_floating_point:
             return torch.tensor(y.shape[0], device=y.device)
         return (y != self.ignore_index).sum()
+
+    def classifies(self, y: Tensor) -> bool:
+        """Whether an accuracy means anything for targets ``y`` (class indices, not regression
+        values); the training loop reports accuracy nan otherwise."""
+        return not y.dtype.is_floating_point
 
     def correct(self, output: Tensor, y: Tensor) -> Tensor:
         """How many non-ignored targets the argmax of ``output`` gets right (token accuracy for

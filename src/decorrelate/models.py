@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .errors import UserError
 
 ACTIVATIONS = ("relu", "leaky-relu", "tanh", "identity")
-MODELS = ("mlp", "convnet", "mlp-ntk", "convnet-ntk")
+MODELS = ("mlp", "convnet", "mlp-ntk", "convnet-ntk", "rnn", "rnn-ntk")
 PARAMETERIZATIONS = ("standard", "ntk")
 #: Negative-side slope of ``leaky-relu``: 0.01 as in paper 1 (and PyTorch's default); the node
 #: perturbation authors' TensorFlow code uses ``tf.nn.leaky_relu``, whose default is 0.2.
@@ -43,11 +43,17 @@ DEFAULT_WIDTHS = {
     "convnet": (1000,),
     "mlp-ntk": (1000, 1000, 1000),
     "convnet-ntk": (),
+    "rnn": (64,),
+    "rnn-ntk": (64,),
 }
 DEFAULT_CHANNELS = (32, 32, 64, 64)
 
 #: What the ``-ntk`` model names switch on: (base model, batch norm, pool after every n convs).
-NTK_VARIANTS = {"mlp-ntk": ("mlp", False, 2), "convnet-ntk": ("convnet", True, 1)}
+NTK_VARIANTS = {
+    "mlp-ntk": ("mlp", False, 2),
+    "convnet-ntk": ("convnet", True, 1),
+    "rnn-ntk": ("rnn", False, 0),
+}
 
 
 def make_activation(name: str, slope: float = DEFAULT_LEAKY_SLOPE) -> nn.Module:
@@ -299,7 +305,8 @@ def build_model(
     ``leaky_slope`` is the negative-side slope of ``leaky-relu`` activations;
     ``mlp-ntk`` / ``convnet-ntk`` are the NTK-parameterised models of the Align paper (the conv
     net with affine-free batch norm and a pool after every convolution). ``batch_norm`` and
-    ``pool_every`` override a conv net's defaults.
+    ``pool_every`` override a conv net's defaults. ``rnn`` / ``rnn-ntk`` are a
+    :class:`VanillaRNN` (hidden size ``widths[0]``) over inputs of shape ``[T, features]``.
     """
     if activation not in ACTIVATIONS:
         raise UserError(
@@ -316,6 +323,17 @@ def build_model(
     _check_parameterization(parameterization)
     _check_init(weight_init, parameterization)
     make_activation(activation, leaky_slope)  # reject a bad slope before building anything
+    if family == "rnn":  # sequences [B, T, features] -> [B, T, num_classes outputs]
+        if len(input_shape) != 2 or len(widths) != 1:
+            raise UserError(
+                f"model {name} maps sequences [time, features] through one hidden layer: needs "
+                f"a sequence data set (e.g. add-task) and one width, got input shape "
+                f"{list(input_shape)} and widths {list(widths)}"
+            )
+        rnn = VanillaRNN(
+            int(input_shape[-1]), int(widths[0]), num_classes, activation, parameterization
+        )
+        return init_weights_(rnn, weight_init)
     if family == "mlp":
         model = MLP(input_shape, num_classes, widths, activation, parameterization, leaky_slope)
         return init_weights_(model, weight_init)

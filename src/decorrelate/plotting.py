@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .stats import mean_std
 
 History = list[dict[str, Any]]
 
@@ -141,3 +142,52 @@ def plot_angles(
     fig.savefig(path)
     plt.close(fig)
     return [path]
+
+
+def plot_sweep(
+    series: Mapping[str, Mapping[float, Sequence[float]]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logy: bool = False,
+    reference: float | None = None,
+    reference_label: str = "",
+) -> Path:
+    """One PNG of a sweep: per line (a rule, a layer) its values per x, mean ± sample std.
+
+    ``series[label][x]`` lists the values of the seeds at ``x`` (what
+    :func:`decorrelate.experiments.report.series` gives; nan, a diverged run, is skipped). Sizes
+    (widths, training-set sizes) span orders of magnitude, so the x axis is logarithmic (base 2).
+    A label ending in "shuffled" (a chance-level control) is drawn dashed; ``reference`` draws a
+    grey dashed horizontal line (chance level, predicting the mean).
+    """
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for label, points in series.items():
+        stats = [(float(x), *mean_std(points[x])[:2]) for x in sorted(points)]
+        stats = [s for s in stats if np.isfinite(s[1])]
+        if not stats:
+            continue
+        x, mean, std = (np.array(column, dtype=float) for column in zip(*stats, strict=True))
+        control = label.endswith("shuffled")  # chance-level controls are drawn dashed
+        ax.plot(x, mean, marker="o", markersize=3, label=label, linestyle="--" if control else "-")
+        if np.any(std > 0):
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label=reference_label)
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -11,6 +11,7 @@ same metrics on CPU, and resuming from a checkpoint continues bit-identically.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
@@ -64,8 +65,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(config: TrainConfig) -> DataSplits:
-    """The dataset splits a config asks for."""
-    return load_dataset(
+    """The dataset splits a config asks for (``test_size``: a fixed test subset; ``epoch_size``:
+    a small training set repeated to at least that many rows per epoch)."""
+    splits = load_dataset(
         config.dataset,
         data_dir=config.data_dir,
         val_split=config.val_split,
@@ -76,6 +78,33 @@ def load_data(config: TrainConfig) -> DataSplits:
         synthetic_train=config.synthetic_train,
         synthetic_test=config.synthetic_test,
     )
+    return tile_train(take_test_subset(splits, config.test_size), config.epoch_size)
+
+
+def take_test_subset(splits: DataSplits, size: int | None) -> DataSplits:
+    """A fixed random subset of ``size`` test examples (the same in every run, whatever the
+    seed) for faster evaluation; all of them when ``size`` is None or not smaller."""
+    if size is None or size >= len(splits.test):
+        return splits
+    # the generator's name is the one the Align suites used, so their test subsets stay the same
+    perm = torch.randperm(len(splits.test), generator=make_generator(0, "align-test-subset"))
+    return dataclasses.replace(splits, test=splits.test.subset(perm[:size]))
+
+
+def tile_train(splits: DataSplits, rows: int | None) -> DataSplits:
+    """The training set repeated ``ceil(rows / n)`` times, so one epoch has at least ``rows``
+    examples: a tiny training set is then not evaluated after every single step."""
+    train = splits.train
+    copies = math.ceil(rows / len(train)) if rows else 1
+    if copies <= 1:
+        return splits
+    tiled = Dataset(
+        train.x.repeat(copies, *([1] * (train.x.ndim - 1))),
+        train.y.repeat(copies, *([1] * (train.y.ndim - 1))),
+        train.num_classes,
+        train.name,
+    )
+    return dataclasses.replace(splits, train=tiled)
 
 
 def build_network(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -182,7 +211,7 @@ def evaluate(model: nn.Module, data: Dataset, loss: Loss, batch_size: int) -> tu
     model.train(was_training)
     total_loss, correct, n = dist.all_sum(sums).tolist()
     n = max(1.0, n)
-    return total_loss / n, correct / n
+    return total_loss / n, correct / n if loss.classifies(data.y) else math.nan
 
 
 def _decor_hooks(model: nn.Module) -> tuple[Callable[[], None] | None, Callable[[], dict]]:
@@ -345,7 +374,9 @@ class Trainer:
         bar.close()
         return {
             "train_loss": loss_sum.item() / max(1, seen),
-            "train_acc": correct / max(1, seen),
+            "train_acc": correct / max(1, seen)
+            if self.loss.classifies(self.train_data.y)
+            else math.nan,
             "epoch_seconds": elapsed,
             "steps": total,
         }

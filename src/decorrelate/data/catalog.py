@@ -13,7 +13,19 @@ from dataclasses import dataclass
 
 from decorrelate.errors import UserError
 
-DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "cifar100", "synthetic")
+DATASETS: tuple[str, ...] = (
+    "mnist",
+    "fashion-mnist",
+    "cifar10",
+    "cifar100",
+    "synthetic",
+    "add-task",
+)
+#: Data sets generated from the ``synthetic_*`` options (no files to find).
+GENERATED: tuple[str, ...] = ("synthetic", "add-task")
+#: Data sets whose inputs are never scaled: the Add task's bits are not pixels or features with
+#: channel statistics (standardising would treat its time steps as channels).
+UNSCALED: tuple[str, ...] = ("add-task",)
 
 _DISPLAY_NAMES = {
     "mnist": "MNIST",
@@ -21,6 +33,7 @@ _DISPLAY_NAMES = {
     "cifar10": "CIFAR-10",
     "cifar100": "CIFAR-100",
     "synthetic": "synthetic",
+    "add-task": "Add task",
 }
 
 _ALIASES = {

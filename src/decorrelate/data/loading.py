@@ -12,7 +12,8 @@ from pathlib import Path
 
 from decorrelate.errors import UserError
 
-from .catalog import _canonical_name
+from .addtask import make_add_task_sets
+from .catalog import UNSCALED, _canonical_name
 from .dataset import DataSplits, _split_validation, _take_train_subset
 from .locate import _find_or_download
 from .sources import _load_files
@@ -53,12 +54,19 @@ def load_dataset(
         train, test = make_synthetic(
             synthetic_shape, synthetic_classes, synthetic_train, synthetic_test, synthetic_seed
         )
+    elif key == "add-task":
+        train, test = make_add_task_sets(
+            synthetic_shape, synthetic_train, synthetic_test, synthetic_seed
+        )
     else:
         root = _find_or_download(key, data_dir, download)
         train, test = _load_files(key, root)
     train, val = _split_validation(train, val_split, key)
     train = _take_train_subset(train, train_size, key)
-    mean, std = _normalize_splits(train, val, test, normalize, pixels=key != "synthetic")
+    if key in UNSCALED:
+        mean, std = [0.0], [1.0]
+    else:
+        mean, std = _normalize_splits(train, val, test, normalize, pixels=key != "synthetic")
     return DataSplits(train=train, test=test, val=val, root=root, mean=mean, std=std)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from decorrelate.errors import DataError
 
-from .catalog import _CIFAR, _DISPLAY_NAMES, IDX_FILES, _canonical_name, _required_files
+from .catalog import _CIFAR, _DISPLAY_NAMES, GENERATED, IDX_FILES, _canonical_name, _required_files
 from .download import IDX_MIRRORS, _download_idx, _downloads_disabled
 from .sources import _one_line
 
@@ -37,7 +37,7 @@ def resolve_root(name: str, data_dir: str | Path | None = None) -> Path | None:
     is the folder holding the tarball, or the extracted folder itself.
     """
     key = _canonical_name(name)
-    if key == "synthetic":
+    if key in GENERATED:
         return None
     for directory in _search_dirs(key, data_dir):
         if _has_required_files(key, directory):

@@ -128,6 +128,8 @@ def _train_kind() -> RunKind:
             "best_test_acc": max(r["test_acc"] for r in history),
             "final_test_acc": last["test_acc"],
             "final_train_loss": last["train_loss"],
+            "best_test_loss": min(r["test_loss"] for r in history),
+            "final_test_loss": last["test_loss"],
             "train_seconds": last["seconds"],
             "epochs": last["epoch"],
         }

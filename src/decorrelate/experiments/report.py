@@ -16,13 +16,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import checkpoint as ckpt
+from ..stats import mean_std
 from .runner import Result
 
 Groups = dict[str, list[Result]]
@@ -34,18 +34,6 @@ def group_results(results: Iterable[Result]) -> Groups:
     for result in results:
         groups.setdefault(result.run.group, []).append(result)
     return groups
-
-
-def finite(values: Iterable[Any]) -> list[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
-
-
-def mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
-    """Mean, sample standard deviation (0 for one value) and count of the finite ``values``."""
-    kept = finite(values)
-    if not kept:
-        return math.nan, math.nan, 0
-    return statistics.fmean(kept), statistics.stdev(kept) if len(kept) > 1 else 0.0, len(kept)
 
 
 def values_of(results: Sequence[Result], key: str) -> list[float]:

@@ -155,8 +155,8 @@ def run_plan(
 
 
 def _headline(summary: dict[str, Any]) -> str:
-    for key in ("best_test_acc", "final_loss", "final_test_mse"):
-        if key in summary:
+    for key in ("best_test_acc", "final_loss", "final_test_loss"):
+        if key in summary and summary[key] == summary[key]:  # nan: no accuracy (regression)
             return f"{key.replace('_', ' ')} {summary[key]:.4f}"
     return "done"
 

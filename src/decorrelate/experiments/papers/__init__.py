@@ -55,7 +55,10 @@ PAPERS = {
 
 #: Names of single experiments that ``reproduce`` also accepts: name → (paper, plan name).
 #: (The Align suites were run by these names before the papers were.)
-ALIASES: dict[str, tuple[str, str]] = {}
+ALIASES: dict[str, tuple[str, str]] = {
+    name: ("boopathy2022", name)
+    for name in ("align-width", "align-width-conv", "align-lowdata", "align-rnn")
+}
 
 
 def paper_names() -> tuple[str, ...]:
@@ -81,9 +84,16 @@ def reproduce(
 ) -> tuple[Table, list[Path]]:
     """Run paper ``name`` at ``scale`` into ``out``; its claims table and the files written.
 
-    ``only`` names one of the paper's plans to run alone (its claims then judge what they can).
+    ``only`` names one of the paper's plans to run alone (its claims then judge what they can);
+    ``name`` may also be one of :data:`ALIASES`, which names a paper and its plan.
     """
     from ... import checkpoint as ckpt
+
+    if name in ALIASES:
+        name, plan = ALIASES[name]
+        if only not in (None, plan):
+            raise UserError(f"{plan} is one experiment of {name}; it has no experiment {only!r}")
+        only = plan
 
     if scale not in SCALES:
         raise UserError(f"unknown scale {scale!r}; choose one of: {', '.join(SCALES)}")
