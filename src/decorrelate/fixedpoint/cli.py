@@ -86,6 +86,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", default=None, help="output directory (default: runs/fixedpoint/...)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="sweep: runs at a time (default: %(default)s)"
+    )
 
     g = p.add_argument_group("network and data")
     g.add_argument("--hidden", type=int, default=None, help="units N (teacher 200, mnist 300)")
@@ -242,9 +245,10 @@ def config_from_args(args: argparse.Namespace) -> FixedPointConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``decorrelate fixedpoint`` for parsed ``args``; returns the exit code (0)."""
+    from ..experiments.fixedpoint_sweep import run_sweep, stability_warnings
     from .landscape import run_landscape
-    from .sweep import applicable_rules, describe, run_sweep, stability_warning
-    from .tasks import run_task
+    from .rules import applicable_rules
+    from .tasks import describe, run_task, stability_warning
 
     cfg = config_from_args(args)
     if args.threads is not None:
@@ -266,13 +270,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         return 0
     assert cfg.activation is not None
-    rules = applicable_rules(_split(args.rule), cfg.activation)
+    rules = applicable_rules(_split(args.rule), cfg)
     lrs = parse_lrs(args.lr)
     if len(rules) * len(lrs) > 1:
         out = Path(args.out or f"runs/fixedpoint/{cfg.task}-sweep")
-        sweep = run_sweep(cfg, rules, lrs, out, log=log)
-        print(sweep.table)
-        for line in filter(None, map(stability_warning, sweep.outcomes)):
+        sweep = run_sweep(cfg, rules, lrs, out, jobs=getattr(args, "jobs", 1), log=log)
+        print(sweep.table.markdown())
+        for line in stability_warnings(sweep.results):
             print(line)
         for path in sweep.files:
             print(f"wrote {path}")
@@ -282,8 +286,8 @@ def run(args: argparse.Namespace) -> int:
     outcome = run_task(cfg, out)
     if outcome.diverged:
         raise TrainingDiverged(f"{outcome.diverged}; metrics so far are in {out}")
-    print("done: " + describe(outcome).strip() + f"  -> {out}")
-    warning = stability_warning(outcome)
+    print("done: " + describe(outcome.summary).strip() + f"  -> {out}")
+    warning = stability_warning(outcome.summary)
     if warning:
         print(warning)
     return 0
