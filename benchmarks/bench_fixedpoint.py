@@ -219,9 +219,7 @@ def bench_mnist_skip(runs: Path, data_dir: str | None) -> None:
     with ``on_nonconvergence="skip"`` such inputs are left out of the update, counted, and count
     as errors in the accuracy, which shows how far training gets and how many inputs are lost.
     """
-    base = FixedPointConfig(
-        task="mnist", epochs=3, data_dir=data_dir, solver=SolverConfig(on_nonconvergence="skip")
-    )
+    base = FixedPointConfig(task="mnist", epochs=3, data_dir=data_dir, on_nonconvergence="skip")
     sweep = run_sweep(base, ["euclidean"], (0.3, 1.0, 3.0), runs / "mnist-skip")
     rows = []
     for r in sweep.results:

@@ -28,6 +28,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
     ("args", "message"),
     [
         (["train", "--rule", "magic"], "choose one of: bp"),
+        (["train", "--rule", "euclidean"], "a rule of `decorrelate fixedpoint`"),
+        (["compare", "--rules", "bp,reparam"], "run `decorrelate fixedpoint --rule reparam`"),
         (["train", "--dataset", "imagenet"], "choose one of: mnist"),
         (["train", "--lr", "abc"], "invalid value for lr"),
         (["train", "--batch-size", "0"], "must be > 0"),

@@ -68,3 +68,145 @@ def test_replace_validates():
     assert cfg.replace(seed=3).seed == 3
     with pytest.raises(UserError):
         cfg.replace(seed=-1)
+
+
+# ----------------------------------------------------------------------------- any schema
+
+
+def _toy_schema():
+    """A small option set declared like TrainConfig: the machinery is not TrainConfig's own."""
+    from dataclasses import dataclass
+
+    from decorrelate.options import at_least, opt
+    from decorrelate.schema import Options
+
+    @dataclass
+    class Toy(Options):
+        size: int = opt(3, "a size", "int", check=at_least(2), group="shape")
+        mode: str = opt("fast", "a mode", "str", choices=("fast", "slow"), group="shape")
+        scales: list[float] = opt([1.0], "scales", "floats", group="other")
+        long_label: str | None = opt(None, "a label", "str", optional=True, group="other")
+        flag: bool = opt(False, "a switch", "bool", group="other")
+
+        def check(self) -> None:
+            if self.mode == "slow" and self.size > 10:
+                raise UserError("slow mode takes size <= 10")
+
+    return Toy
+
+
+def test_the_machinery_serves_any_option_dataclass(tmp_path):
+    import argparse
+
+    from decorrelate import schema
+
+    Toy = _toy_schema()
+    assert schema.make(Toy) == Toy()
+    cfg = Toy.make({"size": "4", "scales": "0.5,2"}, {"mode": "slow", "long-label": "none"})
+    assert (cfg.size, cfg.mode, cfg.scales, cfg.long_label) == (4, "slow", [0.5, 2.0], None)
+    assert cfg.replace(size=5).size == 5 and cfg.size == 4
+    for values, message in (
+        ({"sise": 3}, "unknown option 'sise'; valid options: size, mode, scales, long-label, flag"),
+        ({"size": 1}, "invalid value for size: 1 (must be >= 2)"),
+        ({"mode": "medium"}, "invalid value for mode: 'medium'; choose one of: fast, slow"),
+        ({"flag": "maybe"}, "invalid value for flag: 'maybe' (expected true or false)"),
+        ({"mode": "slow", "size": 11}, "slow mode takes size <= 10"),
+        ({"long_label": "a", "long-label": "b"}, "option long-label is given twice"),
+    ):
+        with pytest.raises(UserError) as err:
+            Toy.make(values)
+        assert message in str(err.value) and "\n" not in str(err.value)
+    path = tmp_path / "toy.yaml"
+    path.write_text("size: 6\nmode: slow\n")
+    parser = argparse.ArgumentParser()
+    schema.add_flags(parser, Toy)
+    args = parser.parse_args(["--size", "7", "--flag", "--scales", "3,4"])
+    given = schema.given_flags(args, Toy)
+    assert given == {"size": "7", "flag": True, "scales": "3,4"}  # only the flags given
+    cfg = Toy.make(schema.load_config_file(path), given)
+    assert (cfg.size, cfg.mode, cfg.flag, cfg.scales) == (7, "slow", True, [3.0, 4.0])
+    assert schema.given_flags(parser.parse_args(["--no-flag"]), Toy) == {"flag": False}
+
+
+def test_train_offers_only_the_rules_it_can_train():
+    from decorrelate.config import choices_of
+    from decorrelate.rules import available_rules
+
+    rules = choices_of("rule")
+    assert "bp" in rules and "np" in rules and "dnp" in rules
+    fixed_point = set(available_rules("fixedpoint"))
+    assert fixed_point == {"euclidean", "bptt", "reparam", "linearized", "linearized-g"}
+    assert not fixed_point & set(rules)
+    assert fixed_point < set(available_rules())  # still registered (get_rule works)
+    for name in sorted(fixed_point):
+        with pytest.raises(UserError) as err:
+            make_config({"rule": name})
+        message = str(err.value)
+        assert f"decorrelate fixedpoint --rule {name}" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- rule options
+
+
+def test_rule_options_are_declared_beside_their_rules():
+    import dataclasses
+
+    from decorrelate import schema
+    from decorrelate.config import FIELDS, TrainOptions
+    from decorrelate.rules import rule_options
+    from decorrelate.rules.align import AlignOptions, LastLayerOptions
+    from decorrelate.rules.feedback import FEEDBACK_INITS, FeedbackOptions
+    from decorrelate.rules.perturbation import PerturbationOptions
+
+    declared = {
+        FeedbackOptions: {"feedback_init", "feedback_scale", "feedback_straight_through"},
+        PerturbationOptions: {"np_sigma", "np_samples", "np_noise", "np_inaccessible"},
+        AlignOptions: {"align_bn_mixing"},
+        LastLayerOptions: {"readout"},
+    }
+    assert set(declared) <= set(rule_options())
+    generic = set(schema.fields_of(TrainOptions))
+    for options, names in declared.items():
+        assert set(schema.fields_of(options)) == names
+        assert not names & generic  # declared once, by the family
+        for name in names:  # and part of TrainConfig under the same flat name
+            assert FIELDS[name].metadata == schema.fields_of(options)[name].metadata
+    assert set(FIELDS) == generic | set().union(*declared.values())
+    assert list(FIELDS)[: len(generic)] == list(schema.fields_of(TrainOptions))
+    assert choices_of_field("feedback_init") == FEEDBACK_INITS
+    cfg = make_config({"feedback-init": "weight", "np_sigma": "0.01", "readout": "fc"})
+    assert (cfg.feedback_init, cfg.np_sigma, cfg.readout) == ("weight", 0.01, "fc")
+    assert dataclasses.is_dataclass(cfg)
+    # each family's options are an option set of their own as well
+    assert PerturbationOptions.make({"np-samples": 4}).np_samples == 4
+    with pytest.raises(UserError, match=r"invalid value for np-samples: 0 \(must be > 0\)"):
+        make_config({"np_samples": 0})
+    with pytest.raises(UserError, match=r"invalid value for np-noise: 'x\.npz'.*one of: gaussian"):
+        make_config({"np_noise": "x.npz"})
+
+
+def choices_of_field(name: str):
+    from decorrelate.config import choices_of
+
+    return choices_of(name)
+
+
+def test_shorthand_rules_are_registered_by_their_family():
+    from decorrelate.rules import shorthands
+
+    assert {k: v[0] for k, v in shorthands().items()} == {"dnp": "np", "dinp": "inp", "danp": "anp"}
+    cfg = make_config({"rule": "dinp"})
+    assert (cfg.rule, cfg.decor, cfg.decor_lr, cfg.decor_sample_frac) == ("inp", "copi", 1e-3, 1.0)
+    cfg = make_config({"rule": "danp", "decor_lr": 0.01})  # each implied option can be overridden
+    assert (cfg.rule, cfg.decor, cfg.decor_lr, cfg.decor_sample_frac) == ("anp", "copi", 0.01, 1.0)
+    cfg = make_config({"rule": "dnp", "decor": "scaled"})  # another method: nothing implied
+    assert (cfg.rule, cfg.decor, cfg.decor_lr, cfg.decor_sample_frac) == ("np", "scaled", None, 0.1)
+
+
+def test_alignment_score_needs_a_rule_that_gives_the_true_gradient(tiny):
+    from decorrelate import train
+    from decorrelate.rules import rule_class
+
+    assert rule_class("bp").exact_gradient and not rule_class("fa").exact_gradient
+    with pytest.raises(UserError, match="--alignment-score measures BP training"):
+        train(make_config(tiny, {"rule": "fa", "alignment_score": True, "epochs": 0}))

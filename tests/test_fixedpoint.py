@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ from decorrelate.fixedpoint import (
     solve_adjoint,
 )
 from decorrelate.fixedpoint import cli as fp_cli
-from decorrelate.fixedpoint.config import FixedPointConfig
+from decorrelate.fixedpoint.config import SOLVER_FIELDS, FixedPointConfig
 from decorrelate.fixedpoint.landscape import line_poles, losses_at, minimiser, run_landscape
 from decorrelate.fixedpoint.loop import StepLoop
 from decorrelate.fixedpoint.rules import loss_and_delta
@@ -642,17 +643,204 @@ def test_cli_no_normalize_reaches_the_dataset_loader(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--lr", "abc"], "--lr takes numbers"),
-        (["--lr", "-1"], "positive"),
+        (["--lr", "abc"], "invalid value for lr: 'abc'"),
+        (["--lr", "-1"], r"invalid value for lr: -1.0 \(must be > 0\)"),
+        (["--lr", "0.1,,"], None),
+        (["--lr", ","], "lr needs at least one value"),
         (["--rule", "bp"], "does not train a fixed-point network"),
         (["--rule", "reparam", "--task", "mnist"], "needs a linear network"),
-        (["--steps", "0"], "steps must be a positive integer"),
+        (["--steps", "0"], r"invalid value for steps: 0 \(must be > 0\)"),
+        (["--steps", "1.5"], "invalid value for steps: '1.5'"),
+        (["--solver", "bisection"], "invalid value for solver: 'bisection'; choose one of: auto"),
+        (["--damping", "0"], r"invalid value for damping: 0.0 \(must be in \(0, 1\]\)"),
+        (["--threads", "0"], "invalid value for threads"),
+        (["--activation", "sigmoid"], "invalid value for activation"),
         (["--rule", "reparam,euclidean", "--optimizer", "adam"], "plain SGD"),
         (["--rule", "reparam", "--momentum", "0.9"], "only plain SGD"),
         (["--task", "landscape", "--activation", "tanh"], "landscape"),
     ],
 )
 def test_cli_user_mistakes_are_one_line_user_errors(argv, message, tmp_path):
+    if message is None:  # empty items of a list are skipped, as in train's list options
+        assert fp_cli.config_from_args(parse(*argv)).lr == pytest.approx(0.1)
+        return
     with pytest.raises(UserError, match=message) as err:
         fp_cli.run(parse(*argv, "--out", str(tmp_path / "x"), "--quiet"))
     assert "\n" not in str(err.value)
+
+
+def words(*parts: str) -> list[str]:
+    return " ".join(parts).split()
+
+
+#: Command lines of the former hand-written parser and the config each gave (rule ``all``
+#: now resolves to the first rule it runs), with the solver options it put in SolverConfig.
+OLD_COMMAND_LINES = [
+    ([], {}, SolverConfig()),
+    (
+        words(
+            "--task mnist --rule linearized --lr 0.3 --no-normalize --hidden 50 --solver",
+            "euler --euler-steps 100 --euler-dt 0.05 --on-nonconvergence skip",
+        ),
+        dict(task="mnist", rule="linearized", lr=0.3, normalize=False, hidden=50),
+        SolverConfig(method="euler", euler_steps=100, euler_dt=0.05, on_nonconvergence="skip"),
+    ),
+    (
+        words(
+            "--rule all --lr 0.03,0.1 --steps 10 --samples 7 --tol 1e-9 --max-iter 50",
+            "--damping 0.3 --memory 3 --anderson-start 0.01 --adjoint direct --seed 4 --out x",
+        ),
+        dict(rule="euclidean", lr=0.03, steps=10, samples=7, seed=4, out="x"),
+        SolverConfig(
+            tol=1e-9, max_iter=50, damping=0.3, memory=3, anderson_start=0.01, adjoint="direct"
+        ),
+    ),
+    (
+        words(
+            "--task landscape --lines 2 --line-points 11 --grid 5 --span 2.5 --w-scale 0.4",
+            "--dtype float32",
+        ),
+        dict(
+            task="landscape",
+            lines=2,
+            line_points=11,
+            grid=5,
+            span=2.5,
+            w_scale=0.4,
+            dtype="float32",
+        ),
+        SolverConfig(),
+    ),
+    (
+        words(
+            "--task mnist --optimizer adam --momentum 0.5 --batch-size 64 --epochs 2",
+            "--dataset synthetic --data-dir d --train-size 100 --readout-scale 2 --log-every",
+            "3 --diag-every 6 --loss-threshold 0.01 --activation relu --threads 2",
+        ),
+        dict(
+            task="mnist",
+            optimizer="adam",
+            momentum=0.5,
+            batch_size=64,
+            epochs=2,
+            dataset="synthetic",
+            data_dir="d",
+            train_size=100,
+            readout_scale=2.0,
+            log_every=3,
+            diag_every=6,
+            loss_threshold=0.01,
+            activation="relu",
+            threads=2,
+        ),
+        SolverConfig(),
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "fields", "solver"), OLD_COMMAND_LINES)
+def test_cli_former_flags_give_the_former_configs(argv, fields, solver):
+    cfg = fp_cli.config_from_args(parse(*argv))
+    flat_solver = {name: getattr(solver, field) for name, field in SOLVER_FIELDS.items()}
+    assert cfg == FixedPointConfig(**fields, **flat_solver).resolved()
+    for name, value in fields.items():
+        assert getattr(cfg, name) == value
+    assert cfg.solver_config == solver
+    if cfg.task == "mnist" and "activation" not in fields:  # task defaults still fill in
+        assert (cfg.activation, cfg.hidden or 0, cfg.dtype) == ("tanh", fields["hidden"], "float32")
+    if cfg.task == "landscape":
+        assert (cfg.activation, cfg.hidden, cfg.dtype) == ("identity", 200, "float32")
+
+
+def test_cli_reads_a_config_file_and_flags_win(tmp_path):
+    path = tmp_path / "f.yaml"
+    path.write_text(
+        "task: linear-teacher\nrule: [linearized, euclidean]\nlr: [0.1, 1]\nhidden: 12\n"
+        "max-iter: 77\nnormalize: false\nsolver: damped\n"
+    )
+    request = fp_cli.request_from_args(parse("--config", str(path), "--hidden", "9", "--lr", "3"))
+    assert request.rules == ["linearized", "euclidean"] and request.lrs == [3.0]
+    cfg = request.config
+    assert (cfg.hidden, cfg.max_iter, cfg.normalize, cfg.rule, cfg.lr) == (
+        9,
+        77,
+        False,
+        "linearized",
+        3.0,
+    )
+    assert cfg.solver_config == SolverConfig(method="damped", max_iter=77)
+    json_path = tmp_path / "f.json"
+    json_path.write_text('{"rule": "all", "lr": "0.1,1", "on_nonconvergence": "skip"}')
+    request = fp_cli.request_from_args(parse("--config", str(json_path), "--no-normalize"))
+    assert request.is_sweep and "reparam" in request.rules and request.lrs == [0.1, 1.0]
+    assert request.config.solver_config.on_nonconvergence == "skip"
+    assert request.config.normalize is False
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("hiden: 12\n", "unknown option 'hiden'; valid options: task, rule, lr"),
+        ("steps: -3\n", r"invalid value for steps: -3 \(must be > 0\)"),
+        ("adjoint: lu\n", "invalid value for adjoint: 'lu'; choose one of: auto, direct"),
+        ("hidden: 3\nhidden: 4\n", "option hidden is given twice"),
+        ("rule: [euclidean, bp]\n", "does not train a fixed-point network"),
+    ],
+)
+def test_cli_config_file_mistakes_are_one_line_and_exit_2(text, message, tmp_path, capsys):
+    from decorrelate.cli import EXIT_USER, main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["fixedpoint", "--config", str(path), "--out", str(tmp_path / "o")]) == EXIT_USER
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("decorrelate: error: ")
+    assert re.search(message, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_flag_values_exit_2_in_one_line(tmp_path, capsys):
+    from decorrelate.cli import EXIT_USER, main
+
+    for argv in (["--tol", "x"], ["--task", "cifar"], ["--normalize=3"], ["--lr", "1,-2"]):
+        try:
+            code = main(["fixedpoint", *argv, "--out", str(tmp_path / "o")])
+        except SystemExit as exc:  # refused by argparse itself
+            code = exc.code
+        assert code == EXIT_USER, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error" in err, argv
+
+
+def test_saved_configs_load_in_both_layouts(tmp_path):
+    cfg = FixedPointConfig(hidden=12, tol=1e-8, solver="damped").resolved()
+    assert FixedPointConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    former = {k: v for k, v in cfg.to_dict().items() if k not in SOLVER_FIELDS}
+    former["solver"] = {
+        "method": "damped",
+        **{k: getattr(cfg, k) for k in SOLVER_FIELDS if k != "solver"},
+    }
+    assert FixedPointConfig.from_dict(former) == cfg  # the nested "solver" of earlier files
+    with pytest.raises(UserError, match="unknown solver option"):
+        FixedPointConfig.from_dict({**former, "solver": {"method": "damped", "bogus": 1}})
+
+
+def test_a_sweep_reads_back_runs_saved_in_the_former_layout(tmp_path, monkeypatch):
+    from decorrelate.experiments import kinds
+    from decorrelate.experiments.fixedpoint_sweep import run_sweep
+    from decorrelate.fixedpoint import tasks
+
+    first = run_sweep(tiny_teacher(steps=5), ["linearized"], [0.1], tmp_path / "sw", log=None)
+    path = tmp_path / "sw" / "linearized-lr0.1" / "config.json"
+    saved = json.loads(path.read_text())
+    former = {k: v for k, v in saved.items() if k not in SOLVER_FIELDS}
+    former["solver"] = {SOLVER_FIELDS[k]: saved[k] for k in SOLVER_FIELDS}
+    path.write_text(json.dumps(former))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(tasks, "run_task", refuse)
+    monkeypatch.delitem(kinds._KINDS, "fixedpoint")  # rebuilt with the refusing run_task
+    again = run_sweep(tiny_teacher(steps=5), ["linearized"], [0.1], tmp_path / "sw", log=None)
+    assert [r.summary for r in again.results] == [r.summary for r in first.results]  # reused

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -22,8 +21,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .config import FIELDS, choices_of, load_config_file, make_config
+from .config import FIELDS, TrainConfig, load_config_file, make_config
 from .errors import DataError, TrainingDiverged, UserError
+from .schema import add_flags, given_flags
 
 EXIT_USER = 2
 EXIT_DIVERGED = 3
@@ -37,51 +37,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field; defaults suppressed so only given flags override the file."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, f in FIELDS.items():
-        meta = f.metadata
-        group = groups.setdefault(
-            meta["group"], parser.add_argument_group(f"{meta['group']} options")
-        )
-        flag = "--" + name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = meta["help"]
-        if "default" not in help_text:  # a help that explains its default says it once
-            help_text += f" (default: {_show(default)})"
-        if meta["kind"] == "bool":
-            group.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_text,
-            )
-            continue
-        choices = choices_of(name)
-        metavar = "{" + ",".join(choices) + "}" if choices else meta["kind"].upper()
-        group.add_argument(flag, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
-        if False in meta["aliases"]:  # a former bool option: keep its --no-X spelling
-            group.add_argument(
-                "--no-" + flag[2:],
-                dest=name,
-                action="store_const",
-                const=meta["aliases"][False],
-                default=argparse.SUPPRESS,
-                help=f"same as {flag} {meta['aliases'][False]}",
-            )
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
+    """One flag per :class:`TrainConfig` field (see :func:`decorrelate.schema.add_flags`)."""
+    add_flags(parser, TrainConfig)
 
 
 def _config_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None):
     """Defaults < --config file < flags < ``extra``."""
     file_values = load_config_file(args.config) if args.config else {}
-    flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    return make_config(file_values, flags, extra or {})
+    return make_config(file_values, given_flags(args, TrainConfig), extra or {})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,7 +255,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     log = None if args.quiet else print
     progress = False if args.no_progress else None
     if args.resume:
-        given = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+        given = given_flags(args, TrainConfig)
         if args.config:  # flags win over the file, whichever spelling the file uses
             from_file = {
                 k.strip().replace("-", "_"): v for k, v in load_config_file(args.config).items()

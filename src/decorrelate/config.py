@@ -1,22 +1,61 @@
-"""The one configuration system: a dataclass of every training option.
+"""The options of a training run: :class:`TrainConfig`, a dataclass of every training option.
 
 The same :class:`TrainConfig` is filled from defaults, then a YAML/JSON file (``--config``), then
-command-line flags (which are generated from the fields below, so a new option is added in one
+command-line flags (which are generated from the fields, so a new option is added in one
 place). Unknown keys and invalid values are rejected with the list of valid choices. The resolved
 config (with model-specific defaults filled in) is saved as ``config.json`` next to every run.
+The machinery (merging, coercion, validation, files, flags) is :mod:`decorrelate.schema`, shared
+with the other option sets (``decorrelate fixedpoint``'s).
+
+TrainConfig is assembled from the generic options (:class:`TrainOptions`, below) and the options
+each rule family declares beside its rules (:func:`decorrelate.rules.register_options`, e.g.
+``feedback_*`` in :mod:`decorrelate.rules.feedback`); the names stay flat, so a config file or a
+flag names every option alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from . import schema
+from .options import (
+    all_positive,
+    betas_ok,
+    fraction_closed,
+    fraction_open,
+    non_negative,
+    opt,
+    positive,
+)
+from .rules import available_rules, rule_class, rule_options, shorthands
+from .schema import Options, check_no_repeats
+
+__all__ = [
+    "FIELDS",
+    "TrainConfig",
+    "TrainOptions",
+    "all_positive",
+    "betas_ok",
+    "check_no_repeats",
+    "choices_of",
+    "code_references",
+    "coerce",
+    "fraction_closed",
+    "fraction_open",
+    "load_config_file",
+    "make_config",
+    "non_negative",
+    "opt",
+    "positive",
+    "save_config",
+    "validate",
+    "without_code",
+]
 
 # ----------------------------------------------------------------------------- choices
 
@@ -39,14 +78,6 @@ def _activations() -> tuple[str, ...]:
     return ACTIVATIONS
 
 
-#: Rule names that are shorthands for a rule plus decorrelation: paper 2's decorrelated NP
-#: variants, as the authors' code runs them: the copi rule at decorrelation learning rate 1e-3,
-#: with R learned from the whole batch (``decor_sample_frac`` 1.0; our default elsewhere is
-#: ⌊0.1·B⌋ + 1 samples, paper 1's choice). Each can still be overridden.
-RULE_SHORTHANDS = {"dnp": "np", "dinp": "inp", "danp": "anp"}
-SHORTHAND_DECOR = {"decor": "copi", "decor_lr": 1e-3, "decor_sample_frac": 1.0}
-
-
 def _normalizations() -> tuple[str, ...]:
     from .data import NORMALIZATIONS
 
@@ -60,21 +91,33 @@ def _weight_inits() -> tuple[str, ...]:
 
 
 def _rules() -> tuple[str, ...]:
-    from .rules import available_rules
+    """The rules a training run can use (not those of another command, e.g. fixedpoint)."""
+    return (*available_rules("train"), *shorthands())
 
-    return (*available_rules(), *RULE_SHORTHANDS)
+
+def _check_rule(value: str) -> str | None:
+    """Point a rule of another command (a fixed-point rule) to that command."""
+    if value not in available_rules():
+        return None  # unknown: the list of choices says what there is
+    command = rule_class(value).command
+    if command == "train":
+        return None
+    return f"a rule of `decorrelate {command}`: run `decorrelate {command} --rule {value}`"
 
 
 def expand_shorthands(values: dict[str, Any]) -> dict[str, Any]:
-    """``rule: danp`` → ``rule: anp`` with copi decorrelation unless another method is given."""
-    rule = values.get("rule")
-    if rule not in RULE_SHORTHANDS:
+    """A shorthand rule (:func:`~decorrelate.rules.register_shorthand`) → its rule, with the
+    decorrelation it implies unless another method is given (``rule: danp`` → ``rule: anp``,
+    ``decor: copi``, ``decor_lr: 1e-3``, ``decor_sample_frac: 1.0``, each option unless given)."""
+    implied = shorthands().get(str(values.get("rule")))
+    if implied is None:
         return values
-    values = {**values, "rule": RULE_SHORTHANDS[rule]}
+    rule, decorrelation = implied
+    values = {**values, "rule": rule}
     if values.get("decor", "none") == "none":
-        values["decor"] = SHORTHAND_DECOR["decor"]
-        for key in ("decor_lr", "decor_sample_frac"):
-            values.setdefault(key, SHORTHAND_DECOR[key])
+        values["decor"] = decorrelation["decor"]
+        for key, value in decorrelation.items():
+            values.setdefault(key, value)
     return values
 
 
@@ -82,29 +125,6 @@ def _decor_methods() -> tuple[str, ...]:
     from .nn import METHODS
 
     return ("none", *METHODS)
-
-
-def _feedback_inits() -> tuple[str, ...]:
-    from .rules.feedback import FEEDBACK_INITS
-
-    return FEEDBACK_INITS
-
-
-def _check_noise(value: Any) -> str | None:
-    """Checks the form of a noise source; never imports (see :func:`code_references`)."""
-    from .rules.perturbation import NOISES, resolve_noise_spec
-
-    try:
-        resolve_noise_spec(value)
-    except UserError as exc:
-        return f"{exc}; or one of: {', '.join(NOISES)}"
-    return None
-
-
-def _names_code(value: Any) -> bool:
-    from .rules.perturbation import is_import_spec
-
-    return is_import_spec(value)
 
 
 def _losses() -> tuple[str, ...]:
@@ -119,70 +139,10 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # ----------------------------------------------------------------------------- fields
 
-# kind: "str" | "int" | "float" | "bool" | "ints" | "floats"; optional: None allowed.
-
-
-def opt(
-    default: Any,
-    help: str,
-    kind: str,
-    *,
-    choices: Callable[[], tuple[str, ...]] | tuple[str, ...] | None = None,
-    check: Callable[[Any], str | None] | None = None,
-    optional: bool = False,
-    group: str = "training",
-    code: Callable[[Any], bool] | None = None,
-    aliases: dict[Any, Any] | None = None,
-) -> Any:
-    """A config field with what the CLI and the validator need to know about it.
-
-    ``code(value)`` is true when the value names Python code to import (see
-    :func:`code_references`). ``aliases`` maps earlier spellings of a value (e.g. the
-    booleans of a former bool option) to the current one, so old config files and saved runs
-    keep loading.
-    """
-    meta = {
-        "help": help,
-        "kind": kind,
-        "choices": choices,
-        "check": check,
-        "optional": optional,
-        "group": group,
-        "code": code,
-        "aliases": aliases or {},
-    }
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def positive(v: Any) -> str | None:
-    return None if v > 0 else "must be > 0"
-
-
-def non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "must be >= 0"
-
-
-def fraction_open(v: float) -> str | None:
-    return None if 0 <= v < 1 else "must be in [0, 1)"
-
-
-def fraction_closed(v: float) -> str | None:
-    return None if 0 < v <= 1 else "must be in (0, 1]"
-
-
-def all_positive(v: list) -> str | None:
-    return None if all(x > 0 for x in v) else "all entries must be > 0"
-
-
-def betas_ok(v: list) -> str | None:
-    return None if len(v) == 2 and all(0 <= b < 1 for b in v) else "must be two numbers in [0, 1)"
-
 
 @dataclass
-class TrainConfig:
-    """Every option of a training run. See ``decorrelate train --help`` for the same list."""
+class TrainOptions(Options):
+    """The generic options of a training run (TrainConfig adds the rule families' own)."""
 
     # data
     dataset: str = opt("mnist", "dataset", "str", choices=_datasets, group="data")
@@ -271,7 +231,12 @@ class TrainConfig:
     )
     # learning rule and decorrelation
     rule: str = opt(
-        "bp", "learning rule (how .grad is filled)", "str", choices=_rules, group="rule"
+        "bp",
+        "learning rule (how .grad is filled)",
+        "str",
+        choices=_rules,
+        check=_check_rule,
+        group="rule",
     )
     decor: str = opt(
         "none",
@@ -348,68 +313,6 @@ class TrainConfig:
     decor_exclude: str = opt(
         "",
         "comma-separated layer names (as in model.named_modules()) to leave undecorrelated",
-        "str",
-        group="rule",
-    )
-    feedback_init: str = opt(
-        "uniform",
-        "fa/dfa: how feedback matrices are drawn (weight: B = W, FA then equals BP)",
-        "str",
-        choices=_feedback_inits,
-        group="rule",
-    )
-    feedback_scale: float = opt(
-        1.0,
-        "fa/dfa: feedback scale relative to the forward init",
-        "float",
-        check=positive,
-        group="rule",
-    )
-    feedback_straight_through: bool = opt(
-        False,
-        "fa: straight-through activations in the backward pass (f' := 1; paper 1's 'DFA')",
-        "bool",
-        group="rule",
-    )
-    np_sigma: float = opt(
-        1e-3, "np/inp/anp: noise scale sigma", "float", check=positive, group="rule"
-    )
-    np_samples: int = opt(
-        1,
-        "np/inp/anp: noisy passes K per clean pass (per layer for inp)",
-        "int",
-        check=positive,
-        group="rule",
-    )
-    np_noise: str = opt(
-        "gaussian",
-        "np/inp/anp: noise source: gaussian, bernoulli, centred-bernoulli, a recorded trace "
-        "(FILE.pt/.npy/.txt, replayed in order, scaled by sigma) or a sampler "
-        "module:function(shape, generator, device, dtype)",
-        "str",
-        check=_check_noise,
-        group="rule",
-        code=_names_code,
-    )
-    np_inaccessible: bool = opt(
-        False,
-        "anp: the noise cannot be read; learn from pairs of noisy passes, no clean pass",
-        "bool",
-        group="rule",
-    )
-    align_bn_mixing: str = opt(
-        "real",
-        "align-ada: where the twin's backward signal enters a layer followed by batch norm: "
-        "real (after the norm, then through the network's own batch statistics, as the authors' "
-        "code) or twin (at the layer output, through the twin's batch norm)",
-        "str",
-        choices=("real", "twin"),
-        group="rule",
-    )
-    readout: str = opt(
-        "",
-        "last-layer: the layer to train, a name from model.named_modules() (default: the layer "
-        "called last in the forward pass)",
         "str",
         group="rule",
     )
@@ -490,19 +393,24 @@ class TrainConfig:
         group="run",
     )
 
-    # ------------------------------------------------------------------ helpers
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A validated copy with ``changes`` applied (keys may use dashes or underscores)."""
-        return make_config(self.to_dict(), changes)
+@dataclass
+class TrainConfig(*reversed(rule_options()), TrainOptions):  # type: ignore[misc]
+    """Every option of a training run. See ``decorrelate train --help`` for the same list.
+
+    The fields are :class:`TrainOptions`' followed by those of each rule family's registered
+    options (:func:`decorrelate.rules.rule_options`), in registration order.
+    """
+
+    @classmethod
+    def prepare(cls, values: dict[str, Any]) -> dict[str, Any]:
+        return expand_shorthands(values)
 
     def default_out(self) -> str:
         return f"runs/{self.dataset}-{self.model}-{self.rule}-{self.decor}-s{self.seed}"
 
 
-FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS: dict[str, dataclasses.Field] = schema.fields_of(TrainConfig)
 
 
 def code_references(config: TrainConfig) -> dict[str, str]:
@@ -533,121 +441,20 @@ def without_code(config: TrainConfig) -> TrainConfig:
 
 
 def choices_of(name: str) -> tuple[str, ...] | None:
-    c = FIELDS[name].metadata["choices"]
-    return c() if callable(c) else c
+    return schema.choices_of(TrainConfig, name)
 
 
 # ----------------------------------------------------------------------------- parsing
 
 
-def _normalise_key(key: str) -> str:
-    return str(key).strip().replace("-", "_")
-
-
-def _bad(name: str, value: Any, why: str) -> UserError:
-    return UserError(f"invalid value for {name.replace('_', '-')}: {value!r} ({why})")
-
-
 def coerce(name: str, value: Any) -> Any:
     """Convert ``value`` (from a file or the command line) to the field's type, or raise."""
-    meta = FIELDS[name].metadata
-    kind = meta["kind"]
-    value = _alias(meta["aliases"], value)
-    if value is None or (
-        isinstance(value, str) and value.strip().lower() in ("none", "null") and meta["optional"]
-    ):
-        if meta["optional"]:
-            return None
-        raise _bad(name, value, "a value is required")
-    try:
-        if kind == "str":
-            if not isinstance(value, str):
-                raise TypeError("expected a string")
-            return value
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true or false")
-        if kind in ("int", "float"):
-            return _number(value, kind)
-        if kind in ("ints", "floats"):
-            items = value.split(",") if isinstance(value, str) else value
-            if not isinstance(items, (list, tuple)):
-                raise TypeError("expected a list")
-            return [
-                _number(v, kind[:-1]) for v in items if not (isinstance(v, str) and not v.strip())
-            ]
-    except (TypeError, ValueError) as err:
-        raise _bad(name, value, str(err)) from None
-    raise AssertionError(kind)
-
-
-def _alias(aliases: dict[Any, Any], value: Any) -> Any:
-    """The current spelling of ``value`` (booleans also given as true/false/yes/no/1/0)."""
-    if not aliases:
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("true", "yes", "on", "1"):
-            value = True
-        elif text in ("false", "no", "off", "0"):
-            value = False
-    if isinstance(value, bool) and value in aliases:
-        return aliases[value]
-    return value
-
-
-def _number(value: Any, kind: str) -> int | float:
-    if isinstance(value, bool):
-        raise TypeError(f"expected {'an integer' if kind == 'int' else 'a number'}")
-    if kind == "int":
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            return int(value.strip())
-        raise TypeError("expected an integer")
-    number = float(value.strip()) if isinstance(value, str) else float(value)
-    if not math.isfinite(number):
-        raise ValueError("must be finite")
-    return number
+    return schema.coerce(TrainConfig, name, value)
 
 
 def validate(config: TrainConfig) -> TrainConfig:
     """Check choices and ranges of every field; raise a one-line :class:`UserError` otherwise."""
-    for name, f in FIELDS.items():
-        value = getattr(config, name)
-        if value is None:
-            continue
-        choices = choices_of(name)
-        if choices is not None and value not in choices:
-            raise UserError(
-                f"invalid value for {name.replace('_', '-')}: {value!r}; "
-                f"choose one of: {', '.join(choices)}"
-            )
-        check = f.metadata["check"]
-        if check is not None:
-            why = check(value)
-            if why:
-                raise _bad(name, value, why)
-    return config
-
-
-def check_no_repeats(keys: Iterable[Any], where: str) -> None:
-    """Refuse a layer that names one option twice (``batch_size`` and ``batch-size``)."""
-    seen: dict[str, Any] = {}
-    for key in keys:
-        name = _normalise_key(key)
-        if name in seen:
-            same = "" if key == seen[name] else f" (as {seen[name]!r} and {key!r})"
-            raise UserError(f"option {name.replace('_', '-')} is given twice in {where}{same}")
-        seen[name] = key
+    return schema.validate(config)
 
 
 def make_config(*layers: Mapping[str, Any] | None) -> TrainConfig:
@@ -656,41 +463,7 @@ def make_config(*layers: Mapping[str, Any] | None) -> TrainConfig:
     Within one mapping an option may appear once: two spellings of it would leave which one
     wins to the mapping's order.
     """
-    values: dict[str, Any] = {}
-    for layer in layers:
-        check_no_repeats((layer or {}).keys(), "one set of options")
-        for key, value in (layer or {}).items():
-            name = _normalise_key(key)
-            if name not in FIELDS:
-                raise UserError(
-                    f"unknown option {key!r}; valid options: "
-                    f"{', '.join(n.replace('_', '-') for n in FIELDS)}"
-                )
-            values[name] = coerce(name, value)
-    return validate(TrainConfig(**expand_shorthands(values)))
-
-
-class _Pairs(list):
-    """A parsed mapping kept as its (key, value) pairs, in file order, repeats included."""
-
-
-def _yaml_pairs(text: str) -> Any:
-    """``yaml.safe_load``, but every mapping comes back as its list of (key, value) pairs, so a
-    key written twice is seen (PyYAML would keep the last silently)."""
-    import yaml
-
-    class PairLoader(yaml.SafeLoader):
-        pass
-
-    def pairs(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Pairs:
-        loader.flatten_mapping(node)
-        return _Pairs(
-            (loader.construct_object(k, deep=True), loader.construct_object(v, deep=True))
-            for k, v in node.value
-        )
-
-    PairLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, pairs)
-    return yaml.load(text, Loader=PairLoader)  # a SafeLoader subclass: plain data only
+    return schema.make(TrainConfig, *layers)
 
 
 #: Where shipped configuration files live (``--config NAME`` finds ``NAME.yaml`` there).
@@ -703,48 +476,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     A bare name that is not a file, e.g. ``np-authors``, is looked up among the configuration
     files shipped in ``decorrelate/experiments`` (the papers' settings).
     """
-    path = Path(path)
-    shipped = EXPERIMENTS_DIR / f"{path.name}.yaml"
-    if not path.exists() and path.parent == Path(".") and not path.suffix and shipped.is_file():
-        path = shipped
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        names = ", ".join(sorted(f.stem for f in EXPERIMENTS_DIR.glob("*.yaml")))
-        shipped_hint = f" (shipped configs: {names})" if names and not path.suffix else ""
-        raise UserError(
-            f"cannot read config file {path}: {err.strerror or err}{shipped_hint}"
-        ) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(
-            f"config file {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
-            f"{err.start}); save it as UTF-8"
-        ) from None
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text, object_pairs_hook=_Pairs)
-        else:
-            data = _yaml_pairs(text)
-    except Exception as err:  # malformed file: report it in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot parse config file {path}: {first}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, _Pairs):
-        raise UserError(f"config file {path} must hold a mapping of option: value")
-    check_no_repeats((key for key, _ in data), f"config file {path}")
-    return {key: _plain(value) for key, value in data}
-
-
-def _plain(value: Any) -> Any:
-    """A nested mapping (pairs) becomes a dict again (option values are scalars or lists)."""
-    if isinstance(value, _Pairs):
-        return {k: _plain(v) for k, v in value}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+    return schema.load_config_file(path, shipped=EXPERIMENTS_DIR)
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
@@ -753,7 +485,3 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
 
     text = json.dumps(config.to_dict(), indent=2) + "\n"
     atomic_write_bytes(Path(path), lambda f: f.write(text.encode()))
-
-
-def field_names(group: str | None = None) -> Iterable[str]:
-    return [n for n, f in FIELDS.items() if group is None or f.metadata["group"] == group]

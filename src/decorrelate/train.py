@@ -130,7 +130,7 @@ def build_parts(
     loss = as_loss(config.loss if loss is None else loss)
     rule = rule_class(config.rule).from_config(config)
     if config.alignment_score:
-        if config.rule != "bp":
+        if not type(rule).exact_gradient:
             raise UserError("--alignment-score measures BP training; use it with --rule bp")
         from .align import AlignmentProbe
 

@@ -15,6 +15,7 @@ Built in: ``train`` (a :class:`~decorrelate.config.TrainConfig` through
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -204,6 +205,10 @@ def _fixedpoint_kind() -> RunKind:
         return cfg.resolved()
 
     def identity(saved: dict[str, Any]) -> dict[str, Any]:
+        # earlier layouts too (the solver's options were a nested mapping); an unreadable one is
+        # compared as it is (so it differs)
+        with contextlib.suppress(UserError, TypeError, ValueError):
+            saved = plain(FixedPointConfig.from_dict(saved))
         return {k: v for k, v in {**defaults, **saved}.items() if k not in skip}
 
     def read(out: Path) -> History | None:

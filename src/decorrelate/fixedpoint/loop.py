@@ -166,7 +166,7 @@ class StepLoop:
         update = self.model.W.grad
         if update is None:
             return result
-        if self.rule.name == "euclidean":
+        if self.rule.exact_gradient:  # the update is the reference itself
             result["angle_deg"] = 0.0
             return result
         try:

@@ -75,6 +75,8 @@ class FixedPointRule(LearningRule):
     """Base of the fixed-point rules: solve, drop non-converged samples, fill ``W.grad``."""
 
     forward_only: ClassVar[bool] = True
+    #: They train a :class:`RateRNN`, which ``decorrelate fixedpoint`` builds (not ``train``).
+    command: ClassVar[str] = "fixedpoint"
     #: True for rules defined only for the identity activation.
     requires_linear: ClassVar[bool] = False
     #: True for rules whose ``.grad`` only plain SGD (no momentum) applies exactly.
@@ -153,6 +155,9 @@ class FixedPointRule(LearningRule):
 @register_rule("euclidean")
 class Euclidean(FixedPointRule):
     """Gradient descent in W: ∂L/∂W by implicit differentiation (batched adjoint solves)."""
+
+    #: The update is ∇_W L itself, the loop's angle reference (its angle is 0, not measured).
+    exact_gradient: ClassVar[bool] = True
 
     def direction(self, model: RateRNN, fp: FixedPoint, delta: Tensor) -> Tensor:
         W = model.W.detach()

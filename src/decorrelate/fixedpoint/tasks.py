@@ -89,7 +89,7 @@ def build_model(cfg: FixedPointConfig, inputs: int | None, outputs: int | None) 
         activation=cfg.activation,
         w_scale=cfg.w_scale,
         readout_scale=cfg.readout_scale,
-        solver=cfg.solver,
+        solver=cfg.solver_config,
         generator=make_generator(cfg.seed, "fixedpoint-model"),
         dtype=cfg.torch_dtype,
     )

@@ -7,8 +7,12 @@ from .base import (
     StepOutput,
     available_rules,
     get_rule,
+    register_options,
     register_rule,
+    register_shorthand,
     rule_class,
+    rule_options,
+    shorthands,
 )
 from .feedback import DirectFeedbackAlignment, FeedbackAlignment
 from .perturbation import ActivityNP, IterativeNP, NodePerturbation, RecordedNoise
@@ -29,6 +33,10 @@ __all__ = [
     "StepOutput",
     "available_rules",
     "get_rule",
+    "register_options",
     "register_rule",
+    "register_shorthand",
     "rule_class",
+    "rule_options",
+    "shorthands",
 ]

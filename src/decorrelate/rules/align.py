@@ -65,6 +65,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -76,7 +77,9 @@ from .. import layers as L
 from ..errors import UserError
 from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
 from ..nn import capturing
-from .base import LearningRule, StepOutput, accumulate_grad, register_rule
+from ..options import opt
+from ..schema import Options
+from .base import LearningRule, StepOutput, accumulate_grad, register_options, register_rule
 from .feedback import FeedbackAlignment
 
 # ----------------------------------------------------------------------------- recording
@@ -390,6 +393,22 @@ class AlignZero(_TwinAlign):
 BN_MIXING = ("real", "twin")
 
 
+@register_options
+@dataclass
+class AlignOptions(Options):
+    """The option of ``align-ada`` (a field of :class:`~decorrelate.config.TrainConfig`)."""
+
+    align_bn_mixing: str = opt(
+        "real",
+        "align-ada: where the twin's backward signal enters a layer followed by batch norm: "
+        "real (after the norm, then through the network's own batch statistics, as the authors' "
+        "code) or twin (at the layer output, through the twin's batch norm)",
+        "str",
+        choices=("real", "twin"),
+        group="rule",
+    )
+
+
 @register_rule("align-ada")
 class AlignAda(_TwinAlign):
     """ΔW_l = δ_{l,0} a_{l−1,t}ᵀ: the twin's backward signal, the current presynaptic activity.
@@ -468,6 +487,20 @@ class AlignProp(FeedbackAlignment):
 
 
 # ----------------------------------------------------------------------------- last layer only
+
+
+@register_options
+@dataclass
+class LastLayerOptions(Options):
+    """The option of ``last-layer`` (a field of :class:`~decorrelate.config.TrainConfig`)."""
+
+    readout: str = opt(
+        "",
+        "last-layer: the layer to train, a name from model.named_modules() (default: the layer "
+        "called last in the forward pass)",
+        "str",
+        group="rule",
+    )
 
 
 @register_rule("last-layer")

@@ -12,6 +12,7 @@ class Backprop(LearningRule):
     """Ordinary backprop: one forward pass, ``loss.backward()`` fills ``.grad``."""
 
     ddp_autograd = True
+    exact_gradient = True
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
         output = self.loss.select(model(x))

@@ -44,6 +44,7 @@ saved with the model and needs nothing extra.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
@@ -79,6 +80,15 @@ class LearningRule:
     #: DistributedDataParallel all-reduces as it runs; False: the rule writes ``.grad`` itself
     #: and the training loop all-reduces it explicitly (see :mod:`decorrelate.distributed`).
     ddp_autograd: ClassVar[bool] = False
+    #: The ``decorrelate`` command that trains with this rule: ``train`` (and ``compare``) for a
+    #: rule that trains any network; a rule that needs a model only another command builds (the
+    #: fixed-point rules' rate networks: ``fixedpoint``) names that command, and ``train`` does
+    #: not offer it.
+    command: ClassVar[str] = "train"
+    #: True when ``.grad`` is the exact gradient of the loss (backprop; the fixed-point
+    #: ``euclidean`` rule): the reference other rules are measured against, and what the
+    #: diagnostics that assume the true gradient (``--alignment-score``) need.
+    exact_gradient: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.model: nn.Module | None = None
@@ -173,10 +183,14 @@ _LISTING_ORDER = (
 )
 
 
-def available_rules() -> tuple[str, ...]:
-    """Names of the registered rules: the families in a fixed order, then any others."""
+def available_rules(command: str | None = None) -> tuple[str, ...]:
+    """Names of the registered rules: the families in a fixed order, then any others.
+
+    With ``command`` only the rules that command trains (:attr:`LearningRule.command`).
+    """
     known = [n for n in _LISTING_ORDER if n in _REGISTRY]
-    return (*known, *(n for n in _REGISTRY if n not in _LISTING_ORDER))
+    names = (*known, *(n for n in _REGISTRY if n not in _LISTING_ORDER))
+    return tuple(n for n in names if command is None or _REGISTRY[n].command == command)
 
 
 def rule_class(name: str) -> type[LearningRule]:
@@ -192,6 +206,50 @@ def rule_class(name: str) -> type[LearningRule]:
 def get_rule(name: str, **options: Any) -> LearningRule:
     """Instantiate the rule registered as ``name`` with keyword options."""
     return rule_class(name)(**options)
+
+
+_OPTIONS: list[type] = []
+
+
+def register_options(cls: type) -> type:
+    """Class decorator: a rule family's options, an option dataclass (:mod:`decorrelate.schema`).
+
+    Its fields become fields of :class:`decorrelate.config.TrainConfig` (same flat names, flags
+    and config-file keys), so the options are declared beside the rules that read them (in
+    :meth:`LearningRule.from_config`). Families register when :mod:`decorrelate.rules` is
+    imported, before the config is assembled.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} must be a dataclass of opt() fields")
+    if cls not in _OPTIONS:
+        _OPTIONS.append(cls)
+    return cls
+
+
+def rule_options() -> tuple[type, ...]:
+    """The option dataclasses registered by the rule families, in registration order."""
+    return tuple(_OPTIONS)
+
+
+#: Shorthand rule name → (rule, options the shorthand implies): see :func:`register_shorthand`.
+_SHORTHANDS: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def register_shorthand(name: str, rule: str, decorrelation: dict[str, Any]) -> None:
+    """Make ``name`` a shorthand for ``rule`` with decorrelation.
+
+    ``decorrelation`` holds the ``decor`` method and the decor_* options it implies; they apply
+    when the run asks for no decorrelation method of its own, each option unless given
+    (:func:`decorrelate.config.expand_shorthands`).
+    """
+    if "decor" not in decorrelation:
+        raise ValueError(f"shorthand {name!r} needs a decor method")
+    _SHORTHANDS[name] = (rule, dict(decorrelation))
+
+
+def shorthands() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The registered shorthand rule names: name → (rule, implied decorrelation options)."""
+    return dict(_SHORTHANDS)
 
 
 def accumulate_grad(param: Tensor | None, grad: Tensor) -> None:

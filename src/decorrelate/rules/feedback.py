@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,7 +51,9 @@ from torch import Tensor, nn
 from .. import layers as L
 from ..errors import UserError
 from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
-from .base import LearningRule, StepOutput, register_rule
+from ..options import opt, positive
+from ..schema import Options
+from .base import LearningRule, StepOutput, register_options, register_rule
 
 FEEDBACK_INITS = ("uniform", "gaussian", "sign-symmetric", "weight")
 """How B is drawn. ``uniform``: U(−s, s) with s = scale/√fan_in, like PyTorch's default forward
@@ -111,6 +114,33 @@ def _draw(
         return b * bound
     b = torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
     return (2 * b - 1) * bound
+
+
+@register_options
+@dataclass
+class FeedbackOptions(Options):
+    """The options of ``fa`` and ``dfa`` (fields of :class:`~decorrelate.config.TrainConfig`)."""
+
+    feedback_init: str = opt(
+        "uniform",
+        "fa/dfa: how feedback matrices are drawn (weight: B = W, FA then equals BP)",
+        "str",
+        choices=FEEDBACK_INITS,
+        group="rule",
+    )
+    feedback_scale: float = opt(
+        1.0,
+        "fa/dfa: feedback scale relative to the forward init",
+        "float",
+        check=positive,
+        group="rule",
+    )
+    feedback_straight_through: bool = opt(
+        False,
+        "fa: straight-through activations in the backward pass (f' := 1; paper 1's 'DFA')",
+        "bool",
+        group="rule",
+    )
 
 
 class _FeedbackRule(LearningRule):

@@ -87,7 +87,9 @@ from torch import Tensor, nn
 from ..distributed import current_shard
 from ..errors import UserError
 from ..layers import bias_of, find_layers, is_wrapper, loose_parameters, weight_grad, weight_of
-from .base import LearningRule, StepOutput, register_rule
+from ..options import opt, positive
+from ..schema import Options
+from .base import LearningRule, StepOutput, register_options, register_rule, register_shorthand
 
 NOISES = ("gaussian", "bernoulli", "centred-bernoulli")
 
@@ -710,6 +712,58 @@ def _shared_layers(
         if half and all(a == b for a, b in pairs):  # the same with 1 and 2 samples
             shared.append((name, shapes[-1]))
     return shared
+
+
+def _check_noise(value: Any) -> str | None:
+    """Checks the form of a noise source; never imports (see
+    :func:`decorrelate.config.code_references`)."""
+    try:
+        resolve_noise_spec(value)
+    except UserError as exc:
+        return f"{exc}; or one of: {', '.join(NOISES)}"
+    return None
+
+
+@register_options
+@dataclass
+class PerturbationOptions(Options):
+    """The options of ``np``, ``inp`` and ``anp`` (fields of
+    :class:`~decorrelate.config.TrainConfig`)."""
+
+    np_sigma: float = opt(
+        1e-3, "np/inp/anp: noise scale sigma", "float", check=positive, group="rule"
+    )
+    np_samples: int = opt(
+        1,
+        "np/inp/anp: noisy passes K per clean pass (per layer for inp)",
+        "int",
+        check=positive,
+        group="rule",
+    )
+    np_noise: str = opt(
+        "gaussian",
+        "np/inp/anp: noise source: gaussian, bernoulli, centred-bernoulli, a recorded trace "
+        "(FILE.pt/.npy/.txt, replayed in order, scaled by sigma) or a sampler "
+        "module:function(shape, generator, device, dtype)",
+        "str",
+        check=_check_noise,
+        group="rule",
+        code=is_import_spec,
+    )
+    np_inaccessible: bool = opt(
+        False,
+        "anp: the noise cannot be read; learn from pairs of noisy passes, no clean pass",
+        "bool",
+        group="rule",
+    )
+
+
+#: Paper 2's decorrelated NP variants, as the authors' code runs them: the copi rule at
+#: decorrelation learning rate 1e-3, with R learned from the whole batch (``decor_sample_frac``
+#: 1.0; the default elsewhere is ⌊0.1·B⌋ + 1 samples, paper 1's choice). Each can be overridden.
+DECORRELATED_VARIANTS = {"dnp": "np", "dinp": "inp", "danp": "anp"}
+for _name, _rule in DECORRELATED_VARIANTS.items():
+    register_shorthand(_name, _rule, {"decor": "copi", "decor_lr": 1e-3, "decor_sample_frac": 1.0})
 
 
 class NodePerturbation(LearningRule):
