@@ -101,12 +101,8 @@ def test_sweep_records_divergence_as_a_result_and_reuses_finished_runs(tmp_path,
 def test_the_reuse_check_refuses_a_directory_holding_another_run(tmp_path):
     out = tmp_path / "sweep"
     [done] = fs.run_sweep(tiny_teacher(), ["euclidean"], [0.3], out, log=None).results
-    for change in ({"lr": 0.5}, {"steps": 31}, {"seed": 1}, {"hidden": 13}, {"tol": 1e-9}):
-        if "tol" in change:  # the solver's options identify the run too
-            solver = dataclasses.replace(done.run.config.solver, **change)
-            config = dataclasses.replace(done.run.config, solver=solver)
-        else:
-            config = dataclasses.replace(done.run.config, **change)
+    for change in ({"lr": 0.5}, {"steps": 31}, {"seed": 1}, {"hidden": 13}, {"eig_samples": 3}):
+        config = dataclasses.replace(done.run.config, **change)
         other = Run("fixedpoint", config, done.run.axes, done.run.out, done.run.group)
         with pytest.raises(UserError, match="holds a different run") as err:
             run_plan([other], log=None)
@@ -243,10 +239,32 @@ def test_a_diverged_run_counts_as_a_huge_loss_in_the_claims():
     assert "euclidean 10.0 ± 0.0" in found.ours
 
 
+def test_mnist_claims_compare_eigenvalues_and_accuracy_seed_by_seed():
+    results = []
+    for seed in range(3):
+        results += [
+            fake("euclidean", 0.1, seed, max_re_eig_W_max=1.4 + 0.01 * seed, final_test_acc=0.9),
+            fake("linearized", 0.1, seed, max_re_eig_W_max=0.5, final_test_acc=0.88 + 0.001 * seed),
+            # euclidean loses its fixed points in epoch 1: its last accuracy is epoch 0's
+            fake("euclidean", 1.0, seed, max_re_eig_W_max=1.3, final_test_acc=0.1, diverged="x"),
+            fake("linearized", 1.0, seed, max_re_eig_W_max=1.1, final_test_acc=0.89 + 0.001 * seed),
+        ]
+    groups = {zhu2024.MNIST: group_results(results)}
+    eig = zhu2024.judge_eigenvalue(groups)
+    assert eig.verdict == CONFIRMED and "at η = 0.1: euclidean 1.41 ± 0.01" in eig.ours
+    large = zhu2024.judge_large_lr_accuracy(groups)
+    assert large.verdict == CONFIRMED and "euclidean stopped in 3/3" in large.ours
+    # at each rule's best lr (0.1 for euclidean, 1 for linearized) euclidean is better in
+    # every seed: the claim is refuted
+    best = zhu2024.judge_best_accuracy(groups)
+    assert "linearized 89.1 ± 0.1 % (η = 1) vs euclidean 90.0 ± 0.0 % (η = 0.1)" in best.ours
+    assert best.verdict == REFUTED
+
+
 def test_reproduce_zhu2024_quick_writes_tables_claims_and_plots(tmp_path, monkeypatch):
     out = tmp_path / "zhu"
     claims, files = reproduce("zhu2024", out, scale="quick", log=None)
-    assert len(claims.rows) == len(zhu2024.CLAIMS)
+    assert [row[0] for row in claims.rows] == [c.text for c in zhu2024.CLAIMS]
     assert all(row[3] for row in claims.rows)
     assert not any("not measured" in row[2] for row in claims.rows)
     for name in ("claims", "teacher", "mnist", "landscape"):
@@ -257,6 +275,14 @@ def test_reproduce_zhu2024_quick_writes_tables_claims_and_plots(tmp_path, monkey
     results = (out / "results.md").read_text()
     assert "| rule | η | log10 final loss |" in results and "| claim |" in results
     assert (out / "teacher" / "reparam-lr3-s1" / "summary.json").exists()
+    teacher = (out / "teacher.md").read_text()
+    spec = zhu2024.SCALES["quick"][zhu2024.TEACHER]
+    for rule in spec["rules"]:
+        for lr in spec["lrs"]:
+            assert f"| {rule} | {lr:g} |" in teacher
+    sweep = (out / "teacher" / "sweep.md").read_text()  # one row per run, seeds apart
+    assert sweep.count("\n") == 2 + len(spec["rules"]) * len(spec["lrs"]) * 2
+    assert "| rule | lr | seed |" in sweep
     assert set(map(str, files)) >= {str(out / "claims.md"), str(out / "teacher" / "sweep.md")}
     # A second reproduction reads every run back and draws the same conclusions.
     no_training(monkeypatch)
