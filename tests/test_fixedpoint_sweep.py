@@ -288,3 +288,16 @@ def test_reproduce_zhu2024_quick_writes_tables_claims_and_plots(tmp_path, monkey
     no_training(monkeypatch)
     again, _ = reproduce("zhu2024", out, scale="quick", log=None)
     assert again.rows == claims.rows
+
+
+def test_cli_sweep_refuses_jobs_below_one_before_writing_anything(tmp_path):
+    from decorrelate.cli import _Parser
+    from decorrelate.fixedpoint import cli as fp_cli
+
+    parser = _Parser(prog="decorrelate")
+    fp_cli.add_parser(parser.add_subparsers(dest="command", parser_class=_Parser))
+    out = tmp_path / "sw"
+    argv = ["fixedpoint", "--rule", "euclidean,linearized", "--jobs", "0", "--out", str(out)]
+    with pytest.raises(UserError, match="--jobs must be at least 1") as err:
+        fp_cli.run(parser.parse_args([*argv, "--quiet"]))
+    assert "\n" not in str(err.value) and not out.exists()

@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     lrs = parse_lrs(args.lr)
     if len(rules) * len(lrs) > 1:
         out = Path(args.out or f"runs/fixedpoint/{cfg.task}-sweep")
-        sweep = run_sweep(cfg, rules, lrs, out, jobs=getattr(args, "jobs", 1), log=log)
+        sweep = run_sweep(cfg, rules, lrs, out, jobs=args.jobs, log=log)
         print(sweep.table.markdown())
         for line in stability_warnings(sweep.results):
             print(line)
