@@ -239,10 +239,32 @@ def test_a_diverged_run_counts_as_a_huge_loss_in_the_claims():
     assert "euclidean 10.0 ± 0.0" in found.ours
 
 
+def test_mnist_claims_compare_eigenvalues_and_accuracy_seed_by_seed():
+    results = []
+    for seed in range(3):
+        results += [
+            fake("euclidean", 0.1, seed, max_re_eig_W_max=1.4 + 0.01 * seed, final_test_acc=0.9),
+            fake("linearized", 0.1, seed, max_re_eig_W_max=0.5, final_test_acc=0.88 + 0.001 * seed),
+            # euclidean loses its fixed points in epoch 1: its last accuracy is epoch 0's
+            fake("euclidean", 1.0, seed, max_re_eig_W_max=1.3, final_test_acc=0.1, diverged="x"),
+            fake("linearized", 1.0, seed, max_re_eig_W_max=1.1, final_test_acc=0.89 + 0.001 * seed),
+        ]
+    groups = {zhu2024.MNIST: group_results(results)}
+    eig = zhu2024.judge_eigenvalue(groups)
+    assert eig.verdict == CONFIRMED and "at η = 0.1: euclidean 1.41 ± 0.01" in eig.ours
+    large = zhu2024.judge_large_lr_accuracy(groups)
+    assert large.verdict == CONFIRMED and "euclidean stopped in 3/3" in large.ours
+    # at each rule's best lr (0.1 for euclidean, 1 for linearized) euclidean is better in
+    # every seed: the claim is refuted
+    best = zhu2024.judge_best_accuracy(groups)
+    assert "linearized 89.1 ± 0.1 % (η = 1) vs euclidean 90.0 ± 0.0 % (η = 0.1)" in best.ours
+    assert best.verdict == REFUTED
+
+
 def test_reproduce_zhu2024_quick_writes_tables_claims_and_plots(tmp_path, monkeypatch):
     out = tmp_path / "zhu"
     claims, files = reproduce("zhu2024", out, scale="quick", log=None)
-    assert len(claims.rows) == len(zhu2024.CLAIMS)
+    assert [row[0] for row in claims.rows] == [c.text for c in zhu2024.CLAIMS]
     assert all(row[3] for row in claims.rows)
     assert not any("not measured" in row[2] for row in claims.rows)
     for name in ("claims", "teacher", "mnist", "landscape"):
@@ -253,8 +275,29 @@ def test_reproduce_zhu2024_quick_writes_tables_claims_and_plots(tmp_path, monkey
     results = (out / "results.md").read_text()
     assert "| rule | η | log10 final loss |" in results and "| claim |" in results
     assert (out / "teacher" / "reparam-lr3-s1" / "summary.json").exists()
+    teacher = (out / "teacher.md").read_text()
+    spec = zhu2024.SCALES["quick"][zhu2024.TEACHER]
+    for rule in spec["rules"]:
+        for lr in spec["lrs"]:
+            assert f"| {rule} | {lr:g} |" in teacher
+    sweep = (out / "teacher" / "sweep.md").read_text()  # one row per run, seeds apart
+    assert sweep.count("\n") == 2 + len(spec["rules"]) * len(spec["lrs"]) * 2
+    assert "| rule | lr | seed |" in sweep
     assert set(map(str, files)) >= {str(out / "claims.md"), str(out / "teacher" / "sweep.md")}
     # A second reproduction reads every run back and draws the same conclusions.
     no_training(monkeypatch)
     again, _ = reproduce("zhu2024", out, scale="quick", log=None)
     assert again.rows == claims.rows
+
+
+def test_cli_sweep_refuses_jobs_below_one_before_writing_anything(tmp_path):
+    from decorrelate.cli import _Parser
+    from decorrelate.fixedpoint import cli as fp_cli
+
+    parser = _Parser(prog="decorrelate")
+    fp_cli.add_parser(parser.add_subparsers(dest="command", parser_class=_Parser))
+    out = tmp_path / "sw"
+    argv = ["fixedpoint", "--rule", "euclidean,linearized", "--jobs", "0", "--out", str(out)]
+    with pytest.raises(UserError, match="--jobs must be at least 1") as err:
+        fp_cli.run(parser.parse_args([*argv, "--quiet"]))
+    assert "\n" not in str(err.value) and not out.exists()

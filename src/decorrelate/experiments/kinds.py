@@ -196,11 +196,11 @@ def _fixedpoint_kind() -> RunKind:
     defaults = plain(FixedPointConfig())
 
     def make(base: Any, changes: Mapping[str, Any]) -> FixedPointConfig:
-        if not isinstance(base, FixedPointConfig):
-            base = FixedPointConfig(**dict(base or {}))
         try:
+            if not isinstance(base, FixedPointConfig):
+                base = FixedPointConfig(**dict(base or {}))
             cfg = dataclasses.replace(base, **dict(changes))
-        except TypeError as err:
+        except TypeError as err:  # an option FixedPointConfig does not have
             raise UserError(f"not a fixed-point option: {err}") from None
         return cfg.resolved()
 
@@ -224,7 +224,8 @@ def _fixedpoint_kind() -> RunKind:
     def execute(cfg: FixedPointConfig, log: Log | None, progress: bool | None) -> History:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        out = Path(cfg.out or ".")
+        assert cfg.out is not None, "a planned run has its directory"
+        out = Path(cfg.out)
         if cfg.task == "landscape":
             run_landscape(cfg, out)
         else:

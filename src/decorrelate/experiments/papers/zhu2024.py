@@ -15,9 +15,11 @@ model" (arXiv 2307.06732; Neural Computation 36(8)): its central experiments as 
 
 Scales: ``quick`` shrinks every size (N = 12 teacher, synthetic 8×8 "MNIST", two seeds) to test
 the whole path in seconds; ``cpu`` is the paper's teacher and landscape sizes and full MNIST with
-three seeds (about an hour on one core); ``paper`` adds ``linearized-g`` and more seeds and
-learning rates. The paper reports its results as curves (loss on a log scale per η, max Re λ(W)
-over training), not as numbers, so the claims' "paper" column says what the figures show.
+three seeds (66 runs: one to two hours on one core, ``--jobs`` divides it; not run yet, the
+per-seed-0 numbers of BENCHMARKS.md §7 come from the same runs); ``paper`` adds ``linearized-g``
+and more seeds and learning rates. The paper reports its results as curves (loss on a log scale
+per η, max Re λ(W) over training), not as numbers, so the claims' "paper" column says what the
+figures show.
 """
 
 from __future__ import annotations
@@ -227,9 +229,9 @@ def judge_largest_lr(groups: Mapping[str, Groups]) -> Finding:
 
     def show(values: dict[Any, int]) -> str:
         shown = [f"{lrs[values[s]]:g}" if values[s] >= 0 else "none" for s in seeds]
-        return "/".join(shown)
+        return "(" + ", ".join(shown) + ")"
 
-    ours = f"largest η reaching the threshold per seed: reparam {show(rep)}, euclidean {show(euc)}"
+    ours = f"largest η reaching the threshold, per seed: reparam {show(rep)}, euclidean {show(euc)}"
     return Finding(ours, verdict([rep[s] - euc[s] for s in seeds]))
 
 
