@@ -37,11 +37,11 @@ from typing import Any
 import torch
 
 from decorrelate.data import load_dataset
+from decorrelate.experiments.fixedpoint_sweep import run_sweep, sweep_table
 from decorrelate.fixedpoint import RateRNN, SolverConfig, euclidean_gradient, linearized_update
 from decorrelate.fixedpoint.config import FixedPointConfig
 from decorrelate.fixedpoint.rules import loss_and_delta
 from decorrelate.fixedpoint.solver import solve_fixed_point
-from decorrelate.fixedpoint.sweep import run_sweep
 from decorrelate.fixedpoint.tasks import run_task
 from decorrelate.losses import Loss
 from decorrelate.seeding import make_generator
@@ -87,9 +87,9 @@ def bench_teacher(runs: Path, bptt_steps: int) -> None:
     )
     shutil.copy(runs / "teacher" / "sweep.png", RESULTS / "fixedpoint_teacher.png")
     angles = {}
-    for o in sweep.outcomes:
-        values = [r["angle_deg"] for r in o.rows if r.get("angle_deg") is not None]
-        angles[f"{o.config.rule} lr {o.config.lr:g}"] = (
+    for r in sweep.results:
+        values = [row["angle_deg"] for row in r.history if row.get("angle_deg") is not None]
+        angles[f"{r.run.axes['rule']} lr {r.run.axes['lr']:g}"] = (
             statistics.median(values) if values else None
         )
     # bptt unrolled to tolerance must follow euclidean step by step.
@@ -112,7 +112,7 @@ def bench_teacher(runs: Path, bptt_steps: int) -> None:
                 "ms_per_step_bptt": 1e3 * b_out.seconds / b_out.steps,
             }
         )
-    print(sweep.table)
+    print(sweep.table.markdown())
     _save(
         "teacher",
         {
@@ -121,10 +121,10 @@ def bench_teacher(runs: Path, bptt_steps: int) -> None:
             "W0 0.75N(0,1)/sqrtN, loss J = <|r-r^|^2> (the paper's, no 1/2; lr as in the paper), "
             "full-batch plain GD, 3500 iterations, "
             "float64, Newton solver (one shared LU), seed 0",
-            "runs": [o.summary for o in sweep.outcomes],
+            "runs": [r.summary for r in sweep.results],
             "median_angle_to_euclidean_deg": angles,
             "bptt_vs_euclidean": bptt,
-            "table": sweep.table,
+            "table": sweep.table.markdown(),
         },
     )
 
@@ -150,31 +150,29 @@ def bench_mnist(
     seeds: list[int],
     lrs: tuple[float, ...] | list[float] = MNIST_LRS,
 ) -> None:
-    """The MNIST sweep of ``rules`` at every learning rate of ``lrs``, once per seed.
+    """The MNIST sweep of ``rules`` at every learning rate of ``lrs`` and every seed: one plan,
+    runs in ``runs/mnist/<rule>-lr<lr>[-s<seed>]``.
 
-    Seed 0 goes to ``runs/mnist`` (as before), other seeds to ``runs/mnist-seed<k>``. The JSON
-    keeps the entries of rules not run this time (``runs`` holds seed-0 summaries, ``multi_seed``
-    per rule and lr the per-seed numbers and mean ± std of the best accuracies); ``table`` is the
-    seed-0 table of the rules run last.
+    The JSON keeps the entries of rules not run this time (``runs`` holds seed-0 summaries,
+    ``multi_seed`` per rule and lr the per-seed numbers and mean ± std of the best accuracies);
+    ``table`` is the table of the runs of the first seed.
     """
     base = FixedPointConfig(task="mnist", epochs=3, data_dir=data_dir)
+    sweep = run_sweep(base, rules, lrs, runs / "mnist", seeds=seeds)
+    if set(rules) == set(MNIST_RULES) and set(lrs) == set(MNIST_LRS):
+        shutil.copy(runs / "mnist" / "sweep.png", RESULTS / "fixedpoint_mnist.png")
+    first = [r for r in sweep.results if r.run.config.seed == seeds[0]]
+    table = sweep_table(first, "mnist", base.loss_threshold).markdown()
+    print(table)
     per_key: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    tables = []
-    for seed in seeds:
-        root = runs / ("mnist" if seed == 0 else f"mnist-seed{seed}")
-        sweep = run_sweep(dataclasses.replace(base, seed=seed), rules, lrs, root)
-        if seed == 0 and set(rules) == set(MNIST_RULES) and set(lrs) == set(MNIST_LRS):
-            shutil.copy(root / "sweep.png", RESULTS / "fixedpoint_mnist.png")
-        if seed == seeds[0]:
-            tables.append(sweep.table)
-            print(sweep.table)
-        for o in sweep.outcomes:
-            per_key.setdefault((o.config.rule, o.config.lr), []).append({**o.summary, "seed": seed})
+    for r in sweep.results:
+        key = (r.run.axes["rule"], r.run.axes["lr"])
+        per_key.setdefault(key, []).append({**r.summary, "seed": r.run.config.seed})
     # Read the JSON only now: another invocation may have written it while these runs went on.
     path = RESULTS / "fixedpoint_mnist.json"
     payload = json.loads(path.read_text()) if path.exists() else {}
     payload.pop("meta", None)
-    payload["table"] = tables[0]
+    payload["table"] = table
     runs_by_key = {
         (r["rule"], float(r["lr"]), r.get("seed", 0)): r for r in payload.get("runs", [])
     }
@@ -224,14 +222,14 @@ def bench_mnist_skip(runs: Path, data_dir: str | None) -> None:
     base = FixedPointConfig(task="mnist", epochs=3, data_dir=data_dir, on_nonconvergence="skip")
     sweep = run_sweep(base, ["euclidean"], (0.3, 1.0, 3.0), runs / "mnist-skip")
     rows = []
-    for o in sweep.outcomes:
-        epochs = [r for r in o.rows if "test_acc" in r and r["epoch"] > 0]
+    for r in sweep.results:
+        epochs = [row for row in r.history if "test_acc" in row and row["epoch"] > 0]
         rows.append(
-            o.summary
+            r.summary
             | {
                 "per_epoch": [
                     {
-                        k: r.get(k)
+                        k: row.get(k)
                         for k in (
                             "epoch",
                             "train_acc",
@@ -240,7 +238,7 @@ def bench_mnist_skip(runs: Path, data_dir: str | None) -> None:
                             "test_nonconverged",
                         )
                     }
-                    for r in epochs
+                    for row in epochs
                 ]
             }
         )
@@ -248,8 +246,8 @@ def bench_mnist_skip(runs: Path, data_dir: str | None) -> None:
     payload = json.loads(path.read_text()) if path.exists() else {}
     payload.pop("meta", None)
     payload["euclidean_skip_nonconverged"] = rows
-    payload["euclidean_skip_table"] = sweep.table
-    print(sweep.table)
+    payload["euclidean_skip_table"] = sweep.table.markdown()
+    print(sweep.table.markdown())
     _save("mnist", payload)
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from decorrelate import cli_fixedpoint as fp_cli
 from decorrelate.checkpoint import load_checkpoint
 from decorrelate.cli import _Parser
 from decorrelate.data import Dataset
@@ -31,12 +32,10 @@ from decorrelate.fixedpoint import (
     response_matrix,
     solve_adjoint,
 )
-from decorrelate.fixedpoint import cli as fp_cli
 from decorrelate.fixedpoint.config import SOLVER_FIELDS, FixedPointConfig
 from decorrelate.fixedpoint.landscape import line_poles, losses_at, minimiser, run_landscape
 from decorrelate.fixedpoint.loop import StepLoop
 from decorrelate.fixedpoint.rules import loss_and_delta
-from decorrelate.fixedpoint.sweep import load_sweep, run_sweep
 from decorrelate.fixedpoint.tasks import MODEL_KEYS as FIXEDPOINT_KEYS
 from decorrelate.fixedpoint.tasks import build_model, evaluate_fixed_points, make_teacher, run_task
 from decorrelate.losses import Loss
@@ -575,41 +574,6 @@ def test_mnist_task_runs_on_synthetic_data_and_beats_chance():
     assert [r["test_acc"] for r in again.rows if "test_acc" in r] == [r["test_acc"] for r in epochs]
 
 
-def test_sweep_records_divergence_as_a_result(tmp_path):
-    # Euclidean descent at a huge lr jumps far away and stalls (r ≈ 0, loss flat): a result.
-    # The linearized rule at a huge lr blows up: also a result, "diverged at step k".
-    result = run_sweep(
-        tiny_teacher(steps=30),
-        ["euclidean", "linearized"],
-        [0.3, 1e5],
-        tmp_path / "sweep",
-        log=None,
-    )
-    by_key = {(o.config.rule, o.config.lr): o for o in result.outcomes}
-    huge = by_key[("linearized", 1e5)]
-    assert huge.diverged and huge.diverged_at is not None and huge.final_loss == math.inf
-    assert "rule linearized, lr 100000" in huge.diverged
-    assert math.isfinite(by_key[("euclidean", 1e5)].final_loss)
-    assert "diverged at step" in result.table
-    for name in ("sweep.json", "sweep.md", "sweep.png"):
-        assert (tmp_path / "sweep" / name).stat().st_size > 0
-    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert {s["rule"] for s in summary} == {"euclidean", "linearized"}
-    reloaded = load_sweep(tmp_path / "sweep")  # a sweep can be re-plotted from its files
-    assert [o.final_loss for o in reloaded] == [o.final_loss for o in result.outcomes]
-    assert [o.rows for o in reloaded] == [o.rows for o in result.outcomes]
-    # Running the same sweep again reuses the finished runs instead of training them again.
-    again = run_sweep(
-        tiny_teacher(steps=30),
-        ["euclidean", "linearized"],
-        [0.3, 1e5],
-        tmp_path / "sweep",
-        log=None,
-    )
-    assert [o.seconds for o in again.outcomes] == [o.seconds for o in result.outcomes]
-    assert again.table == result.table
-
-
 def test_landscape_has_its_poles_where_predicted(tmp_path):
     cfg = FixedPointConfig(
         task="landscape", hidden=16, samples=8, lines=2, line_points=101, grid=9, span=4.0
@@ -861,13 +825,22 @@ def test_saved_configs_load_in_both_layouts(tmp_path):
         FixedPointConfig.from_dict({**former, "solver": {"method": "damped", "bogus": 1}})
 
 
-def test_a_sweep_reads_back_runs_saved_in_the_former_layout(tmp_path):
+def test_a_sweep_reads_back_runs_saved_in_the_former_layout(tmp_path, monkeypatch):
+    from decorrelate.experiments import kinds
+    from decorrelate.experiments.fixedpoint_sweep import run_sweep
+    from decorrelate.fixedpoint import tasks
+
     first = run_sweep(tiny_teacher(steps=5), ["linearized"], [0.1], tmp_path / "sw", log=None)
     path = tmp_path / "sw" / "linearized-lr0.1" / "config.json"
     saved = json.loads(path.read_text())
     former = {k: v for k, v in saved.items() if k not in SOLVER_FIELDS}
     former["solver"] = {SOLVER_FIELDS[k]: saved[k] for k in SOLVER_FIELDS}
     path.write_text(json.dumps(former))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(tasks, "run_task", refuse)
+    monkeypatch.delitem(kinds._KINDS, "fixedpoint")  # rebuilt with the refusing run_task
     again = run_sweep(tiny_teacher(steps=5), ["linearized"], [0.1], tmp_path / "sw", log=None)
-    assert [o.seconds for o in again.outcomes] == [o.seconds for o in first.outcomes]  # reused
-    assert load_sweep(tmp_path / "sw")[0].config == first.outcomes[0].config
+    assert [r.summary for r in again.results] == [r.summary for r in first.results]  # reused

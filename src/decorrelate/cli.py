@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="PNG prefix (default: plot in the first RUN_DIR)")
 
-    from .fixedpoint.cli import add_parser as add_fixedpoint_parser
+    from .cli_fixedpoint import add_parser as add_fixedpoint_parser
 
     add_fixedpoint_parser(sub)
 
@@ -378,7 +378,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_fixedpoint(args: argparse.Namespace) -> int:
-    from .fixedpoint.cli import run
+    from .cli_fixedpoint import run
 
     return run(args)
 

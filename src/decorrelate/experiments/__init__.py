@@ -5,7 +5,8 @@
 * :mod:`.runner` — :func:`run_plan`: ``jobs`` worker processes, the one reuse check, resume;
 * :mod:`.report` — mean ± std over seeds, markdown + CSV tables, claims tables;
 * experiments built on them: :mod:`.compare` (``decorrelate compare``, the demo), :mod:`.specs`
-  (benchmark specs), :mod:`.papers` (``decorrelate reproduce PAPER``).
+  (benchmark specs), :mod:`.fixedpoint_sweep` (``decorrelate fixedpoint``'s learning-rate
+  sweeps), :mod:`.papers` (``decorrelate reproduce PAPER``).
 
 The shipped configuration files (``*.yaml``, ``--config NAME``) live in this folder too.
 """

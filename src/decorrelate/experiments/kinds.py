@@ -8,11 +8,15 @@ it, and which scalars summarise its history for the report. Adding a new sort of
 family) is one :func:`register_run_kind` call here.
 
 Built in: ``train`` (a :class:`~decorrelate.config.TrainConfig` through
-:func:`decorrelate.train.train` / :func:`~decorrelate.train.resume`).
+:func:`decorrelate.train.train` / :func:`~decorrelate.train.resume`) and ``fixedpoint`` (a
+:class:`~decorrelate.fixedpoint.config.FixedPointConfig` through
+:func:`decorrelate.fixedpoint.tasks.run_task`, or the landscape).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import json
 from collections.abc import Callable, Mapping
@@ -155,3 +159,111 @@ def _train_kind() -> RunKind:
 
 
 _BUILTIN["train"] = _train_kind
+
+
+# ----------------------------------------------------------------------------- fixedpoint
+
+#: The file a finished fixed-point run (or landscape) leaves in its directory.
+FIXEDPOINT_SUMMARY = "summary.json"
+
+
+def _number(value: Any) -> Any:
+    """``"inf"``/``"nan"`` (how summary.json writes non-finite floats) back to floats."""
+    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+        return float(value)
+    return value
+
+
+def _fixedpoint_kind() -> RunKind:
+    """Fixed-point runs (``decorrelate fixedpoint``'s tasks) as plan runs.
+
+    The history is the run's metrics rows followed by one row ``{"summary": ...}``: the run's
+    ``summary.json``, which holds what no metrics row does (the stability of the final W, the
+    step where it diverged). A run that diverges is a *result* here (its summary says
+    ``diverged``/``diverged_at`` and its final loss is ``inf``), as it is for the tasks: a
+    learning-rate sweep expects some. The reuse check is strict: every option of the resolved
+    config but ``out`` and ``threads`` must agree.
+    """
+    import torch
+
+    from ..fixedpoint.config import FixedPointConfig
+    from ..fixedpoint.landscape import run_landscape
+    from ..fixedpoint.tasks import describe, json_safe, run_task, stability_warning
+
+    skip = {"out", "threads"}
+
+    def plain(cfg: FixedPointConfig) -> dict[str, Any]:
+        return json.loads(json.dumps(json_safe(cfg.to_dict())))
+
+    defaults = plain(FixedPointConfig())
+
+    def make(base: Any, changes: Mapping[str, Any]) -> FixedPointConfig:
+        try:
+            if not isinstance(base, FixedPointConfig):
+                base = FixedPointConfig(**dict(base or {}))
+            cfg = dataclasses.replace(base, **dict(changes))
+        except TypeError as err:  # an option FixedPointConfig does not have
+            raise UserError(f"not a fixed-point option: {err}") from None
+        return cfg.resolved()
+
+    def identity(saved: dict[str, Any]) -> dict[str, Any]:
+        # earlier layouts too (the solver's options were a nested mapping); an unreadable one is
+        # compared as it is (so it differs)
+        with contextlib.suppress(UserError, TypeError, ValueError):
+            saved = plain(FixedPointConfig.from_dict(saved))
+        return {k: v for k, v in {**defaults, **saved}.items() if k not in skip}
+
+    def read(out: Path) -> History | None:
+        try:
+            summary = json.loads((out / FIXEDPOINT_SUMMARY).read_text())
+        except (OSError, ValueError):
+            return None
+        return [*ckpt.read_metrics(out), {"summary": summary}]
+
+    def finished(out: Path, cfg: FixedPointConfig) -> History | None:
+        return read(out)
+
+    def execute(cfg: FixedPointConfig, log: Log | None, progress: bool | None) -> History:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        assert cfg.out is not None, "a planned run has its directory"
+        out = Path(cfg.out)
+        if cfg.task == "landscape":
+            run_landscape(cfg, out)
+        else:
+            summary = run_task(cfg, out).summary
+            if log is not None:
+                log(describe(summary))
+                warning = stability_warning(summary)
+                if warning:
+                    log(warning)
+        history = read(out)  # as a reused run reads it (non-finite floats as summary.json has them)
+        assert history is not None, f"{out} holds no {FIXEDPOINT_SUMMARY} after the run"
+        return history
+
+    def summarise(history: History) -> dict[str, Any]:
+        summary = {k: _number(v) for k, v in history[-1]["summary"].items()}
+        threshold = [k for k in summary if k.startswith("steps_to_loss_")]
+        if threshold:
+            summary["steps_to_threshold"] = summary[threshold[0]]
+        epochs = [r for r in history[:-1] if "test_acc" in r]
+        if epochs:
+            summary["final_test_acc"] = epochs[-1]["test_acc"]
+        return summary
+
+    def with_threads(cfg: FixedPointConfig, threads: int) -> FixedPointConfig:
+        return cfg if cfg.threads else dataclasses.replace(cfg, threads=threads)
+
+    return RunKind(
+        "fixedpoint",
+        make=make,
+        to_dict=plain,
+        identity=identity,
+        finished=finished,
+        execute=execute,
+        summarise=summarise,
+        with_threads=with_threads,
+    )
+
+
+_BUILTIN["fixedpoint"] = _fixedpoint_kind

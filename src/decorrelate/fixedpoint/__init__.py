@@ -17,9 +17,11 @@ default of the tasks)::
         opt.zero_grad(); rule.backward(model, x, y); opt.step()
 
 ``model(x)`` is itself differentiable in W (its backward is the implicit gradient), so plain
-``loss.backward()`` works as well. The tasks (linear teacher, MNIST, loss landscape) and the
-learning-rate sweep are in :mod:`.tasks`, :mod:`.landscape` and :mod:`.sweep`, driven by the one
-step loop of :mod:`.loop`; the command line is :mod:`.cli`.
+``loss.backward()`` works as well. The tasks (linear teacher, MNIST, loss landscape) are in
+:mod:`.tasks` and :mod:`.landscape`, driven by the one step loop of :mod:`.loop`; the command line
+is :mod:`.cli`. A learning-rate sweep is a plan of the experiment layer (run kind ``fixedpoint``,
+:mod:`decorrelate.experiments.fixedpoint_sweep`); the paper's experiments are
+``decorrelate reproduce zhu2024``.
 """
 
 from .activations import ACTIVATIONS, get_activation

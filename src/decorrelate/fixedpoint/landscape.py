@@ -30,6 +30,8 @@ from .config import FixedPointConfig
 from .losses import TargetLoss
 from .tasks import TeacherData, json_safe, make_teacher, prepare_run_dir
 
+#: The landscape's numbers (:func:`landscape_summary`), beside ``landscape.json``.
+SUMMARY = "summary.json"
 #: Grid points solved per batched call (bounds memory: CHUNK·N² values).
 CHUNK = 64
 
@@ -140,7 +142,26 @@ def _write(result: LandscapeResult, path: Path) -> list[Path]:
     ckpt.atomic_write_bytes(json_path, lambda f: f.write(json.dumps(json_safe(data)).encode()))
     png = path / "landscape.png"
     plot_landscape(result, png)
-    return [path / ckpt.METRICS, json_path, png]
+    summary_path = path / SUMMARY
+    text = json.dumps(json_safe(landscape_summary(result)), indent=2) + "\n"
+    ckpt.atomic_write_bytes(summary_path, lambda f: f.write(text.encode()))
+    return [path / ckpt.METRICS, json_path, png, summary_path]
+
+
+def landscape_summary(result: LandscapeResult) -> dict[str, Any]:
+    """The landscape's numbers in ``summary.json`` (what a report tabulates): poles per line in
+    [−span, span], the loss at the minimiser, and the largest loss drawn on the lines (at a
+    pole it is huge: the loss is a rational function of W with poles where I − W is singular)."""
+    counts = [len(p) for p in result.poles]
+    return {
+        "lines": len(counts),
+        "poles": sum(counts),
+        "poles_per_line": sum(counts) / max(1, len(counts)),
+        "lines_with_a_pole": sum(1 for c in counts if c),
+        "loss_at_minimiser": result.min_loss,
+        "max_line_loss": float(result.line_losses.max()),
+        "median_line_loss": float(result.line_losses.median()),
+    }
 
 
 def plot_landscape(result: LandscapeResult, path: Path) -> Path:

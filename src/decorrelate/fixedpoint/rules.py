@@ -24,6 +24,7 @@ paper, with ∇_A L at the current A.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from ..context import SINGLE_PROCESS, StepContext
 from ..errors import UserError
 from ..losses import Loss
-from ..rules.base import LearningRule, StepOutput, accumulate_grad, register_rule
+from ..rules.base import LearningRule, StepOutput, accumulate_grad, register_rule, rule_class
 from .gradients import (
     euclidean_gradient,
     linearized_g_update,
@@ -82,6 +83,21 @@ class FixedPointRule(LearningRule):
     command: ClassVar[str] = "fixedpoint"
     #: True for rules defined only for the identity activation.
     requires_linear: ClassVar[bool] = False
+    #: True for rules whose ``.grad`` only plain SGD (no momentum) applies exactly.
+    requires_plain_sgd: ClassVar[bool] = False
+
+    @classmethod
+    def unfit(cls, config: Any) -> str | None:
+        """Why this rule cannot train the network ``config`` describes with its optimizer (a
+        resolved :class:`~decorrelate.fixedpoint.config.FixedPointConfig`), or None if it can."""
+        if cls.requires_linear and config.activation != "identity":
+            return f"needs a linear network (activation identity), not {config.activation}"
+        if cls.requires_plain_sgd and (config.optimizer != "sgd" or config.momentum):
+            return (
+                "sets .grad = (W − W')/lr, which only plain SGD applies exactly; "
+                "use --optimizer sgd --momentum 0"
+            )
+        return None
 
     def __init__(self) -> None:
         super().__init__()
@@ -180,6 +196,7 @@ class Reparam(FixedPointRule):
     """
 
     requires_linear: ClassVar[bool] = True
+    requires_plain_sgd: ClassVar[bool] = True
 
     def __init__(self, lr: float | None = None) -> None:
         super().__init__()
@@ -280,3 +297,30 @@ class BPTT(FixedPointRule):
         model.last_solve = fp
         self.last_state = StepState(fp, used, y if keep is None else y[keep], None, exact=False)
         return StepOutput(loss.detach(), output.detach())
+
+
+def applicable_rules(names: Sequence[str], config: Any) -> list[str]:
+    """The fixed-point rules ``names`` asks for on the network and optimizer of ``config`` (a
+    resolved :class:`~decorrelate.fixedpoint.config.FixedPointConfig`).
+
+    ``all`` expands to every rule that fits (:meth:`FixedPointRule.unfit`: ``reparam`` needs a
+    linear network and plain SGD); a rule named explicitly that does not fit, or that is not a
+    fixed-point rule, is a UserError. Duplicates are dropped, the order kept.
+    """
+    chosen: list[str] = []
+    for name in names:
+        if name == "all":
+            chosen += [r for r in FIXEDPOINT_RULES if rule_class(r).unfit(config) is None]
+            continue
+        if name not in FIXEDPOINT_RULES:
+            raise UserError(
+                f"rule {name!r} does not train a fixed-point network; choose from: "
+                f"{', '.join(FIXEDPOINT_RULES)} or all"
+            )
+        cls = rule_class(name)
+        assert issubclass(cls, FixedPointRule)
+        reason = cls.unfit(config)
+        if reason is not None:
+            raise UserError(f"rule {name!r} {reason}")
+        chosen.append(name)
+    return list(dict.fromkeys(chosen))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -156,6 +156,7 @@ def _finish(
     outcome.summary = {
         "rule": cfg.rule,
         "lr": cfg.lr,
+        "activation": cfg.activation,
         "final_loss": outcome.final_loss,
         "diverged": outcome.diverged,
         "diverged_at": outcome.diverged_at,
@@ -371,3 +372,50 @@ def run_task(cfg: FixedPointConfig, out: str | Path | None = None) -> RunOutcome
     if runner is None:
         raise UserError(f"task {cfg.task!r} is not a training task; choose linear-teacher or mnist")
     return runner(cfg, out)
+
+
+# ----------------------------------------------------------------------------- one line per run
+
+
+def stability_warning(summary: Mapping[str, Any]) -> str | None:
+    """One warning line if a run that did not diverge ends with an unstable W (else None).
+
+    ``summary``: a run's summary (:attr:`RunOutcome.summary`, ``summary.json``). The solver can
+    return a fixed point that the dynamics never reach (a linear network's r = (I − W)⁻¹X exists
+    whenever I − W is invertible), so a finite loss does not show this.
+    """
+    s = summary
+    if s.get("diverged") or not s.get("final_unstable"):
+        return None
+    head = f"warning: rule {s['rule']}, lr {float(s['lr']):g}: the final W is unstable"
+    state = s.get("final_stability")
+    if state == "no fixed point":
+        return f"{head}: the solver finds no fixed point for some inputs of the last batch"
+    eig, eig_gw = s.get("max_re_eig_W_final"), s.get("max_re_eig_GW_final")
+    if state == "non-finite W" or eig is None:
+        return f"{head} ({state})"
+    if s.get("activation", "identity") == "identity":
+        what = f"max Re λ(W) = {eig:.4g} ≥ 1"
+    else:
+        what = f"max Re λ(G·W) = {eig_gw:.4g} ≥ 1 at the last batch's fixed points"
+        what += f" (max Re λ(W) = {eig:.4g})"
+    return f"{head} ({what}): its fixed point is not an attractor of the dynamics"
+
+
+def describe(summary: Mapping[str, Any]) -> str:
+    """One line per run (from its summary): the rule, lr and how it ended."""
+    s = summary
+    head = f"{s['rule']:>13} lr {float(s['lr']):<6g}"
+    seconds = float(s.get("seconds", 0.0))
+    if s.get("diverged"):
+        return f"{head} diverged at step {s.get('diverged_at')}  [{seconds:.1f}s]"
+    text = f"{head} final loss {float(s['final_loss']):.3e}"
+    if s.get("best_test_acc") is not None:
+        text += f"  best train/test acc {s['best_train_acc']:.4f}/{s['best_test_acc']:.4f}"
+    if s.get("max_re_eig_W_final") is not None:
+        text += (
+            f"  max Re eig W max/final {s['max_re_eig_W_max']:.4g}/{s['max_re_eig_W_final']:.4g}"
+        )
+    if s.get("final_unstable"):
+        text += "  UNSTABLE"
+    return text + f"  [{seconds:.1f}s]"

@@ -6,7 +6,8 @@
     decorrelate fixedpoint --task landscape --out runs/landscape
 
 ``--rule`` and ``--lr`` take comma-separated lists; more than one combination is a learning-rate
-sweep (one run directory per combination plus ``sweep.json``, ``sweep.md`` and ``sweep.png``),
+sweep (one run directory per combination plus ``sweep.json``, ``sweep.md``, ``sweep.csv`` and
+``sweep.png``; ``--jobs N`` runs N at a time),
 in which a diverged run is a recorded result. A single run that diverges ends with one line and
 exit code 3 (raised as :class:`~decorrelate.errors.TrainingDiverged` for the main CLI to report).
 
@@ -28,9 +29,9 @@ from typing import Any
 
 import torch
 
-from .. import schema
-from ..errors import TrainingDiverged, UserError
-from .config import FixedPointConfig
+from . import schema
+from .errors import TrainingDiverged, UserError
+from .fixedpoint.config import FixedPointConfig
 
 #: Options that may hold several values, the axes of a learning-rate sweep.
 SWEEP_AXES = ("rule", "lr")
@@ -63,6 +64,9 @@ def add_parser(subparsers: Any) -> None:
         help="YAML or JSON file of options (flags win; rule and lr may be lists)",
     )
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="sweep: runs at a time (default: %(default)s)"
+    )
     schema.add_flags(
         p,
         FixedPointConfig,
@@ -116,7 +120,7 @@ class Request:
 def request_from(*layers: Mapping[str, Any] | None) -> Request:
     """Merge ``layers`` (later ones win) like :func:`decorrelate.schema.make`, with ``rule`` and
     ``lr`` taken as lists (``all`` for every rule that fits the network)."""
-    from .sweep import applicable_rules
+    from .fixedpoint.rules import applicable_rules
 
     axes: dict[str, list[Any]] = {}
     rest = []
@@ -134,7 +138,7 @@ def request_from(*layers: Mapping[str, Any] | None) -> Request:
     lrs = parse_lrs(axes.get("lr", [default.lr]))
     cfg = FixedPointConfig.make(*rest, {"lr": lrs[0]}).resolved()
     assert cfg.activation is not None
-    rules = applicable_rules(axes.get("rule") or [default.rule], cfg.activation)
+    rules = applicable_rules(axes.get("rule") or [default.rule], cfg)
     return Request(dataclasses.replace(cfg, rule=rules[0]), rules, lrs)
 
 
@@ -152,9 +156,9 @@ def config_from_args(args: argparse.Namespace) -> FixedPointConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``decorrelate fixedpoint`` for parsed ``args``; returns the exit code (0)."""
-    from .landscape import run_landscape
-    from .sweep import describe, run_sweep, stability_warning
-    from .tasks import run_task
+    from .experiments.fixedpoint_sweep import run_sweep, stability_warnings
+    from .fixedpoint.landscape import run_landscape
+    from .fixedpoint.tasks import describe, run_task, stability_warning
 
     request = request_from_args(args)
     cfg = request.config
@@ -176,9 +180,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if request.is_sweep:
         out = Path(cfg.out or f"runs/fixedpoint/{cfg.task}-sweep")
-        sweep = run_sweep(cfg, request.rules, request.lrs, out, log=log)
-        print(sweep.table)
-        for line in filter(None, map(stability_warning, sweep.outcomes)):
+        sweep = run_sweep(cfg, request.rules, request.lrs, out, jobs=args.jobs, log=log)
+        print(sweep.table.markdown())
+        for line in stability_warnings(sweep.results):
             print(line)
         for path in sweep.files:
             print(f"wrote {path}")
@@ -187,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
     outcome = run_task(cfg, out)
     if outcome.diverged:
         raise TrainingDiverged(f"{outcome.diverged}; metrics so far are in {out}")
-    print("done: " + describe(outcome).strip() + f"  -> {out}")
-    warning = stability_warning(outcome)
+    print("done: " + describe(outcome.summary).strip() + f"  -> {out}")
+    warning = stability_warning(outcome.summary)
     if warning:
         print(warning)
     return 0
