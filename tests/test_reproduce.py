@@ -96,6 +96,26 @@ def test_an_unknown_paper_is_one_line_and_exit_2(capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 3  # one per bad call
 
 
+def test_cpu_and_paper_scales_use_the_benchmarked_settings_and_enough_seeds(tmp_path):
+    ahmad = {p.name: p for p in _paper_or_skip("ahmad2024").plans("cpu", tmp_path)}
+    for plan in ahmad.values():
+        assert len({r.seed for r in plan.runs}) >= 3 and plan.runs[0].config.dataset == "mnist"
+    mlp = {r.group: r.config for r in ahmad["mlp"].runs}
+    assert mlp["bp"].widths == [1000] * 4 and (mlp["bp"].lr, mlp["bp"].decor) == (3e-4, "none")
+    assert (mlp["fa+scaled"].lr, mlp["fa+scaled"].decor_lr) == (1e-4, 1e-5)  # BENCHMARKS §2.2
+    assert (mlp["dfa+dbp"].lr, mlp["dfa+dbp"].decor_lr) == (3e-4, 1e-4)
+    conv = {r.group: r.config for r in ahmad["conv"].runs}
+    assert conv["bp"].lr == 1e-3 and conv["bp"].train_size == 10000  # conv-tuned BP
+    assert ahmad["np"].runs[0].config.weight_init == "he-normal"  # the NP authors' protocol
+    dalm = _paper_or_skip("dalm2024").plans("cpu", tmp_path)
+    danp = next(r.config for r in dalm[0].runs if r.group == "danp")
+    assert (danp.decor_sample_frac, danp.decor_var_floor, danp.batch_size) == (1.0, 0.0, 1000)
+    assert next(r.config for r in dalm[0].runs if r.group == "anp inaccessible").np_inaccessible
+    paper = _paper_or_skip("ahmad2024").plans("paper", tmp_path)
+    assert {p.runs[0].config.dataset for p in paper} == {"cifar10"}
+    assert paper[0].runs[0].config.epochs == 100 and paper[0].runs[0].config.betas == [0.9, 0.9999]
+
+
 # ----------------------------------------------------------------------------- judges
 
 

@@ -34,7 +34,7 @@ from ...config import load_config_file
 from ...errors import UserError
 from ..compare import grid_table, reference_target, time_to_accuracy, write_summary
 from ..plan import Plan, grid
-from ..report import Finding, Groups, Table, cell, mean_std, verdict
+from ..report import Finding, Groups, Table, cell, group_results, mean_std, verdict
 from ..runner import Result
 
 Judge = Callable[[Mapping[str, Groups]], Finding]
@@ -72,9 +72,7 @@ def grid_reports(
     tables: list[Table] = []
     files: list[Path] = []
     for name, rs in results.items():
-        groups: Groups = {}
-        for r in rs:
-            groups.setdefault(r.run.group, []).append(r)
+        groups = group_results(rs)
         try:
             summary = write_summary(groups, Path(out) / name)
         except UserError:  # every run diverged
