@@ -12,7 +12,8 @@ Three plans, the same group labels at every scale (the claims name them):
   decorrelation method at its own BP-tuned (lr, η) from BENCHMARKS.md §2.2 (plain lr 3e-4;
   scaled 1e-4 / 1e-5; dbp 3e-4 / 1e-4: the validation grid of
   ``benchmarks/results/decor_accuracy_mlp/grid.md``), not re-tuned per rule (§4,
-  ``benchmarks/specs/fa_mlp.json``).
+  ``benchmarks/specs/fa_mlp.json``). ``dfa`` is Nøkland's direct feedback alignment, as in §4;
+  the paper's own "DFA" variant (FA with f′ := 1, ``--feedback-straight-through``) is not run.
 - ``conv`` — the paper's conv net (conv 32, 32, pool, 64, 64, pool, fc 1000; 'same' padding):
   BP at its conv-tuned lr 1e-3 and BP + ``scaled`` at its conv-tuned 3e-4 / 1e-4 (§2.2's conv
   grid), FA and DFA plain and with ``dbp`` at the MLP's rates (§4, ``conv_mnist.json``; §4 found
