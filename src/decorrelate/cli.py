@@ -117,17 +117,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "reproduce",
-        help="reproduce a paper's experiments (tables, PNG plots, claims table)",
-        description="Run a paper's experiments, or one of them by name (see --list). Finished "
-        "runs found in OUT are reused.",
+        help="reproduce a paper's central experiments, ending in a claims table",
+        description="Run one paper's central experiments (see --list) and judge its claims: "
+        "each claim in one line, the paper's figure, ours with its seed spread, and a verdict "
+        "(confirmed / refuted / inconclusive at this scale). Finished runs found in OUT are "
+        "reused, so an interrupted reproduction continues. A single experiment's name (an "
+        "alias, see --list) runs that experiment alone.",
     )
-    p.add_argument("name", nargs="?", help="paper or experiment name (see --list)")
-    p.add_argument("--out", default=None, help="output directory (default runs/NAME)")
-    p.add_argument("--scale", default="cpu", help="quick, cpu (default) or paper")
-    p.add_argument("--quick", action="store_true", help="--scale quick (a smoke test)")
-    p.add_argument("--list", action="store_true", help="list the papers and experiments")
-    p.add_argument("--keep-checkpoints", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--quiet", action="store_true", help="print only the files written")
+    p.add_argument("name", nargs="?", metavar="PAPER", help="paper or experiment (see --list)")
+    p.add_argument(
+        "--scale",
+        choices=("quick", "cpu", "paper"),
+        default=None,
+        help="quick: synthetic data, seconds (a smoke test); cpu (default): this machine, up "
+        "to about an hour; paper: the paper's own sizes, for a GPU or a cluster",
+    )
+    p.add_argument("--quick", action="store_true", help="the same as --scale quick")
+    p.add_argument("--list", action="store_true", help="list the papers, experiments, aliases")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs in parallel, each in its own process (default: 1)",
+    )
+    p.add_argument("--out", default=None, help="output directory (default runs/reproduce/PAPER)")
+    p.add_argument("--quiet", action="store_true", help="print only the claims and the files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="accepted for old scripts: every run keeps its checkpoint.pt (finished runs are "
+        "reused from it)",
+    )
 
     p = sub.add_parser("demo", help="the README demo: MNIST, MLP, Adam, compared side by side")
     p.add_argument("--epochs", default="3")
@@ -345,20 +366,60 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .experiments.papers import ALIASES, paper_names, reproduce
+    from .experiments.papers import ALIASES, PAPERS, get_paper, reproduce
 
-    if args.list or not args.name:
-        print("\n".join([*paper_names(), *ALIASES]))
-        return 0 if args.list else EXIT_USER
-    _, files = reproduce(
-        args.name,
-        Path(args.out or f"runs/{args.name}"),
-        scale="quick" if args.quick else args.scale,
+    if args.quick and args.scale not in (None, "quick"):
+        raise UserError(f"--quick is --scale quick; give one of --quick, --scale {args.scale}")
+    scale = "quick" if args.quick else args.scale or "cpu"
+    if args.list:
+        print(_list_papers(scale))
+        return 0
+    if not args.name:
+        raise UserError(f"name a paper: {', '.join(PAPERS)} (see --list)")
+    if args.name in ALIASES:
+        paper, only = ALIASES[args.name]
+    elif args.name in PAPERS:
+        paper, only = args.name, None
+    else:
+        names = [*PAPERS, *ALIASES]
+        raise UserError(f"unknown paper {args.name!r}; choose one of: {', '.join(names)}")
+    try:
+        get_paper(paper)
+    except ImportError as err:  # a paper whose module this install does not have
+        raise UserError(f"paper {paper} is not available here ({err})") from None
+    claims, files = reproduce(
+        paper,
+        Path(args.out or f"runs/reproduce/{paper}"),
+        scale=scale,
+        jobs=args.jobs,
         log=None if args.quiet else print,
+        progress=False if args.no_progress else None,
+        only=only,
     )
+    print(("\n" if not args.quiet else "") + claims.markdown())
     for path in files:
         print(f"wrote {path}")
     return 0
+
+
+def _list_papers(scale: str) -> str:
+    """``reproduce --list``: each paper's title and experiments (at ``scale``), the aliases."""
+    from .experiments.papers import ALIASES, PAPERS, get_paper
+
+    lines = []
+    for name in PAPERS:
+        try:
+            paper = get_paper(name)
+        except ImportError as err:  # a paper whose module is not in this install
+            lines.append(f"{name}: not available ({err})")
+            continue
+        plans = paper.plans(scale, Path("runs/reproduce") / name)
+        lines.append(f"{name}: {paper.title}")
+        lines.append(f"  experiments ({scale} scale): {', '.join(p.name for p in plans)}")
+    if ALIASES:
+        lines.append("aliases (one experiment of a paper):")
+        lines += [f"  {alias}: {paper} {plan}" for alias, (paper, plan) in ALIASES.items()]
+    return "\n".join(lines)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
