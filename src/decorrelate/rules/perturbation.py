@@ -89,7 +89,14 @@ from ..errors import UserError
 from ..layers import bias_of, find_layers, is_wrapper, loose_parameters, weight_grad, weight_of
 from ..options import opt, positive
 from ..schema import Options
-from .base import LearningRule, StepOutput, register_options, register_rule, register_shorthand
+from .base import (
+    LearningRule,
+    StepOutput,
+    accumulate_grad,
+    register_options,
+    register_rule,
+    register_shorthand,
+)
 
 NOISES = ("gaussian", "bernoulli", "centred-bernoulli")
 
@@ -609,12 +616,12 @@ class _Passes:
         module = self.layers[index][1]
         with _no_autocast():
             gw, gb = weight_grad(module, inputs, errors)
-        _accumulate(weight_of(module), gw)
+        accumulate_grad(weight_of(module), gw)
         if gb is not None:
-            _accumulate(bias_of(module), gb)
+            accumulate_grad(bias_of(module), gb)
 
     def write_loose(self, j: int, grad: Tensor) -> None:
-        _accumulate(self.loose[j][1], grad)
+        accumulate_grad(self.loose[j][1], grad)
 
 
 def _batch_size(x: Any) -> int:
@@ -637,14 +644,6 @@ def _no_autocast() -> Iterator[None]:
                 yield
         else:
             yield
-
-
-def _accumulate(param: Tensor | None, grad: Tensor) -> None:
-    """Add a hand-computed update into ``param.grad`` (skips missing and frozen parameters)."""
-    if param is None or not param.requires_grad:
-        return
-    grad = grad.to(param.dtype).reshape(param.shape)
-    param.grad = grad if param.grad is None else param.grad + grad
 
 
 def _per_sample(s: Tensor, like: Tensor) -> Tensor:
