@@ -32,17 +32,6 @@ def layer_input(args: tuple, kwargs: dict) -> tuple[Any, Callable[[Tensor], tupl
     return None, lambda t: (args, kwargs)
 
 
-def rule_layers(model: nn.Module, *, norms: bool = False) -> list[tuple[str, nn.Module]]:
-    """:func:`~decorrelate.layers.find_layers` after :func:`~decorrelate.layers.unroll` (when
-    available): the layers a rule acts on, recurrent and attention modules made of Linears."""
-    from .. import layers
-
-    unroll = getattr(layers, "unroll", None)
-    if unroll is not None:
-        unroll(model)
-    return layers.find_layers(model, norms=norms)
-
-
 def call_order(
     model: nn.Module,
     layers: Sequence[nn.Module],

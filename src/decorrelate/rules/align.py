@@ -75,7 +75,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import layers as L
 from ..errors import UserError
-from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
+from ..layers.runtime import call_order, layer_input, mark_attached, release
 from ..nn import capturing
 from ..options import opt
 from ..schema import Options
@@ -210,7 +210,7 @@ class _TwinAlign(LearningRule):
     ) -> None:
         """Take the twin: a frozen deep copy of ``model`` as it is now (its initialisation)."""
         super().attach(model, loss, generator)
-        self.points = rule_layers(model, norms=True)
+        self.points = L.find_layers(model, norms=True)
         check_align_model(model, self.points)
         mark_attached(self.name, [m for _, m in self.points])
         self.twin = make_twin(model)
@@ -536,7 +536,7 @@ class LastLayer(LearningRule):
         example: Tensor | None = None,
     ) -> None:
         super().attach(model, loss, generator)
-        self.points = rule_layers(model)
+        self.points = L.find_layers(model)
         mark_attached(self.name, [m for _, m in self.points])
         if self.readout_name is not None:
             named = dict(self.points)

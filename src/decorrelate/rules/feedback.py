@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from .. import layers as L
 from ..errors import UserError
-from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
+from ..layers.runtime import call_order, layer_input, mark_attached, release
 from ..options import opt, positive
 from ..schema import Options
 from .base import LearningRule, StepOutput, register_options, register_rule
@@ -170,7 +170,7 @@ class _FeedbackRule(LearningRule):
 
     def _find_points(self, model: nn.Module) -> None:
         """Every layer that passes an error to its input (embeddings keep their local grad)."""
-        self.points = [(n, m) for n, m in rule_layers(model) if L.kind_of(m).has_input_grad]
+        self.points = [(n, m) for n, m in L.find_layers(model) if L.kind_of(m).has_input_grad]
         mark_attached(self.name, [m for _, m in self.points])
 
     @contextmanager
