@@ -824,17 +824,18 @@ class NodePerturbation(LearningRule):
         example: Tensor | None = None,
     ) -> None:
         super().attach(model, loss, generator)
-        refuse_compiled(model)
         self._find(model)  # find_layers unrolls recurrent/attention modules
 
     def _find(self, model: nn.Module) -> None:
-        """The layers and loose parameters, found again whenever the model's modules change.
+        """The layers and loose parameters, found again whenever the model's modules change
+        (a compiled wrapper or submodule among them is refused then).
 
         Layers in ``_shared`` (outputs that do not depend on the batch, see
         :meth:`_learn_shared`) are trained like loose parameters (weight perturbation)."""
         key = tuple(map(id, model.modules()))
         if key == self._found:
             return
+        refuse_compiled(model)
         layers = find_layers(model, norms=True)
         shared = self._shared
         self.layers = [(n, m) for n, m in layers if n not in shared]
@@ -879,7 +880,6 @@ class NodePerturbation(LearningRule):
 
     # -------------------------------------------------------------- the step
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> StepOutput:
-        refuse_compiled(model)
         self._find(model)  # cheap, and follows a model changed after attach
         if self.generator is None:  # the noise must not come from the replayed global state
             seed = int(torch.randint(0, 2**62, (1,)))
