@@ -44,7 +44,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .recurrent import _Origin, linear_from
+from .recurrent import _Origin, _param, linear_from
+
+#: The Parameters of ``nn.MultiheadAttention`` outside ``out_proj`` that the projections take.
+_MHA_PARAMETERS = (
+    "in_proj_weight",
+    "in_proj_bias",
+    "q_proj_weight",
+    "k_proj_weight",
+    "v_proj_weight",
+)
 
 
 class UnrolledAttention(_Origin):
@@ -76,16 +85,7 @@ class UnrolledAttention(_Origin):
         self.batch_first = mha.batch_first
         self.add_zero_attn = bool(mha.add_zero_attn)
         self.packed = bool(mha._qkv_same_embed_dim)
-        names: dict[str, nn.Parameter | None] = {}
-        for n in ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight"):
-            names[n] = getattr(mha, n)
-        names["v_proj_weight"] = mha.v_proj_weight
-        for n, p in names.items():
-            if p is not None and not isinstance(p, nn.Parameter):
-                raise UserError(
-                    f"{type(mha).__name__}.{n} is not a Parameter (a parametrization?); "
-                    "remove it before decorrelate.layers.unroll"
-                )
+        names = {n: _param(mha, n) for n in _MHA_PARAMETERS}
         if self.packed:
             self.in_proj = linear_from(names["in_proj_weight"], names["in_proj_bias"])
             self.proj_bias = None
