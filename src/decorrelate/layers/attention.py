@@ -167,25 +167,18 @@ class UnrolledAttention(_Origin):
         batched = query.dim() == 3
         same_kv = key is value
         same_qk = query is key
+
+        def batch_first(t: Tensor) -> Tensor:
+            if not batched:
+                return t.unsqueeze(0)
+            return t if self.batch_first else t.transpose(0, 1)
+
         # to batch-first [B, T, E], keeping the identities that select the projection calls
-        if not batched:
-            query = query.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query = query.transpose(0, 1)
-        if same_qk:
-            key = query
-        elif not batched:
-            key = key.unsqueeze(0)
-        elif not self.batch_first:
-            key = key.transpose(0, 1)
-        if same_kv:
-            value = key
-        elif not batched:
-            value = value.unsqueeze(0)
-        elif not self.batch_first:
-            value = value.transpose(0, 1)
+        query = batch_first(query)
+        key = query if same_qk else batch_first(key)
+        value = key if same_kv else batch_first(value)
+        if not batched and key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
         bsz, tgt_len, e = query.shape
         if e != self.embed_dim:
             raise UserError(
