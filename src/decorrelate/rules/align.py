@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -236,7 +236,7 @@ class _TwinAlign(LearningRule):
 
     def output_error(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Forward the real network (no graph): its output, the mean loss and e = ∂L/∂output."""
-        real = self._real.recording() if self._real is not None else _nothing()
+        real = self._real.recording() if self._real is not None else nullcontext()
         with real, torch.no_grad(), capturing(model, True):
             output = self.loss.select(model(x))
         out = output.detach().requires_grad_(True)
@@ -361,11 +361,6 @@ class _TwinAlign(LearningRule):
         super().load_state_dict(state)
         if state.get("twin") is not None and self.twin is not None:
             self.twin.load_state_dict(state["twin"])
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def make_twin(model: nn.Module) -> nn.Module:
