@@ -10,7 +10,8 @@ find it here with one forward of an example batch.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -54,19 +55,29 @@ def call_order(
         seen.append((module, layer_input(args, kwargs)[0]))
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        with eval_mode(model), torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             out = model(example[:1])
         if output is not None:
             output(out)
     finally:
         for h in handles:
             h.remove()
+    return seen
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in eval mode within the block, and afterwards each one back in
+    its own mode (``model.train(was)`` would also switch a submodule kept in eval mode):
+    for probe forwards that must leave batch-norm statistics and dropout alone."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
         for m, mode in modes.items():
             m.training = mode
-    return seen
 
 
 def mark_attached(rule_name: str, modules: Sequence[nn.Module]) -> None:

@@ -87,6 +87,7 @@ from torch import Tensor, nn
 from ..distributed import current_shard
 from ..errors import UserError
 from ..layers import bias_of, find_layers, is_wrapper, loose_parameters, weight_grad, weight_of
+from ..layers.runtime import eval_mode
 from ..options import opt, positive
 from ..schema import Options
 from .base import (
@@ -678,10 +679,9 @@ def _shared_layers(
     model: nn.Module, layers: list[tuple[str, nn.Module]], x: Tensor
 ) -> list[tuple[str, tuple[int, ...]]]:
     """The layers (name, output shape) whose output does not depend on the batch size, found
-    from forwards of the first 1 and 2 samples of ``x`` (eval mode, no graph; the global random
-    state and every module's mode are put back)."""
-    if x.dim() == 0 or x.shape[0] < 2:
-        return []
+    from forwards of the first 1 and 2 samples of ``x`` (which holds at least 2: the caller
+    checks), in eval mode, without a graph; the global random state and every module's mode are
+    put back."""
     seen: dict[str, list[tuple[int, ...]]] = {}
     handles = []
     for name, module in layers:
@@ -691,18 +691,14 @@ def _shared_layers(
                 seen.setdefault(name, []).append(tuple(out.shape))
 
         handles.append(module.register_forward_hook(hook))
-    modes = {m: m.training for m in model.modules()}
     cpu_rng = torch.get_rng_state()
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for n in (1, 2):
                 model(x[:n])
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
         torch.set_rng_state(cpu_rng)
     shared = []
     for name, shapes in seen.items():
