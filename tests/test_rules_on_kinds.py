@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call, vjp
 
 import decorrelate.rules.align  # noqa: F401  (registers the align rules)
+from conftest import bp_grads, grads, rule_grads
 from decorrelate import Loss, UserError, get_rule
 from decorrelate import nn as dnn
 
@@ -141,25 +142,6 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tens
     else:
         x = torch.randn(6, *shape, generator=gen, dtype=torch.float64)
     return model, x, torch.randint(0, 3, (6,), generator=gen)
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def bp_grads(model, x, y, loss=None):
-    loss = loss or Loss()
-    model.zero_grad(set_to_none=True)
-    loss(model(x), y).backward()
-    out = grads(model)
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def rule_grads(rule, model, x, y):
-    model.zero_grad(set_to_none=True)
-    rule.backward(model, x, y)
-    return grads(model)
 
 
 RULES_EQUAL_TO_BP = {  # rule options under which the rule is BP (at initialisation)
