@@ -168,14 +168,14 @@ def norm_vjp(norm: nn.Module, x: Tensor, grad: Tensor) -> Tensor:
     return out
 
 
-def check_align_model(model: nn.Module, points: list[tuple[str, nn.Module]]) -> None:
-    """Every trainable parameter must sit in a rule layer (a layer kind or a norm's affine)."""
-    owned = {id(p) for _, m in points for p in m.parameters()}
-    extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+def check_align_model(model: nn.Module) -> None:
+    """Every trainable parameter must sit in a rule layer (a layer kind or a norm's affine):
+    :func:`~decorrelate.layers.loose_parameters` must be empty."""
+    extra = L.loose_parameters(model)
     if extra:
         raise UserError(
             f"align rules train only layers (decorrelate.layers.find_layers, normalisation "
-            f"affine parameters included); {extra[0]} is a parameter outside every layer "
+            f"affine parameters included); {extra[0][0]} is a parameter outside every layer "
             "(freeze it, or train the model with rule bp)"
         )
 
@@ -211,7 +211,7 @@ class _TwinAlign(LearningRule):
         """Take the twin: a frozen deep copy of ``model`` as it is now (its initialisation)."""
         super().attach(model, loss, generator)
         self.points = L.find_layers(model, norms=True)
-        check_align_model(model, self.points)
+        check_align_model(model)
         mark_attached(self.name, [m for _, m in self.points])
         self.twin = make_twin(model)
         twin_modules = dict(self.twin.named_modules())
