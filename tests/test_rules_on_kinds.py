@@ -236,6 +236,15 @@ def test_fa_sends_b_transpose_delta_through_convolutions(second):
     torch.testing.assert_close(got["0.bias"], d1.sum((0, 2)))
 
 
+def _shared_layer_states(model, x):
+    """h_0 … h_3 of the "shared-layer" model (its cell called 3 times) and its output."""
+    with torch.no_grad():
+        hs = [torch.tanh(model.inp(x))]
+        for _ in range(3):
+            hs.append(torch.tanh(model.cell(hs[-1])))
+        return hs, model.head(hs[-1])
+
+
 def test_fa_routes_every_call_of_a_shared_layer():
     model, x, y = build("shared-layer")
     rule = get_rule("fa")
@@ -243,11 +252,7 @@ def test_fa_routes_every_call_of_a_shared_layer():
     got = rule_grads(rule, model, x, y)
     w0, ws, wh = model.inp.weight, model.cell.weight, model.head.weight
     bs, bh = model.cell.fa_feedback, model.head.fa_feedback
-    with torch.no_grad():
-        hs = [torch.tanh(model.inp(x))]
-        for _ in range(3):
-            hs.append(torch.tanh(model.cell(hs[-1])))
-        out = model.head(hs[-1])
+    hs, out = _shared_layer_states(model, x)
     e = (torch.softmax(out, 1) - F.one_hot(y, 3)) / x.shape[0]
     d = (e @ bh) * (1 - hs[3] ** 2)
     gws = torch.zeros_like(ws)
@@ -269,11 +274,7 @@ def test_dfa_projects_to_every_call_of_a_shared_layer():
     got = rule_grads(rule, model, x, y)
     bs, bh = model.cell.dfa_feedback, model.head.dfa_feedback
     assert not hasattr(model.inp, "dfa_feedback")  # its input is the data
-    with torch.no_grad():
-        hs = [torch.tanh(model.inp(x))]
-        for _ in range(3):
-            hs.append(torch.tanh(model.cell(hs[-1])))
-        out = model.head(hs[-1])
+    hs, out = _shared_layer_states(model, x)
     e = (torch.softmax(out, 1) - F.one_hot(y, 3)) / x.shape[0]
     deltas = [(e @ bs.T) * (1 - h**2) for h in hs[:3]] + [(e @ bh.T) * (1 - hs[3] ** 2)]
     torch.testing.assert_close(got["inp.weight"], deltas[0].T @ x)
