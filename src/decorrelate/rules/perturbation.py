@@ -886,7 +886,6 @@ class NodePerturbation(LearningRule):
         )
         for attempt in range(2):
             run = _Passes(model, x, y, self.loss, self.layers, self.loose, injector)
-            start = run.rng.get()
             try:
                 with torch.no_grad():
                     losses, raw = self.learn(run)
@@ -895,7 +894,7 @@ class NodePerturbation(LearningRule):
             except _NotPerSample as err:
                 if attempt or not self._learn_shared(model, x, err.layer):
                     raise UserError(err.message) from None
-                run.rng.set(start)  # the clean pass stopped at that layer: start again
+                run.rng.set(run.start)  # the clean pass stopped at that layer: start again
             finally:
                 run.close()
         return StepOutput(losses.mean().detach(), self.loss.select(raw).detach())
