@@ -134,9 +134,6 @@ class LayerKind:
         """The dim of the output that indexes the bias (−1 for features last, 1 for channels)."""
         return -1
 
-    def describe(self, module: nn.Module) -> str:
-        return self.name
-
 
 class LinearKind(LayerKind):
     """``nn.Linear`` and any subclass of it (timm heads, attention's out_proj, ...):
