@@ -227,3 +227,16 @@ def test_call_order_probes_one_sample_in_eval_mode_and_puts_every_mode_back():
     assert during == [False] and tuple(outputs[0].shape) == (1, 2)
     assert torch.equal(model[1].running_mean, stats)
     assert [m.training for m in model] == [True, True, False, True] and model.training
+
+
+def test_call_order_with_grad_records_which_inputs_carry_a_gradient_even_under_no_grad():
+    from decorrelate.layers.runtime import call_order
+
+    first, second = nn.Linear(3, 4), nn.Linear(4, 2)
+    model = nn.Sequential(first, nn.Tanh(), second)
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        calls = call_order(model, [first, second], x, grad=True)
+        plain = call_order(model, [first, second], x)
+    assert [h.requires_grad for _, h in calls] == [False, True]
+    assert [h.requires_grad for _, h in plain] == [False, False]

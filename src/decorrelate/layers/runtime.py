@@ -45,9 +45,9 @@ def call_order(
     in call order (a layer called k times appears k times).
 
     The forward runs on the first sample, in eval mode (restored after), so that batch-norm
-    statistics, dropout masks and decorrelators are untouched; without a graph unless ``grad``
-    (then an input's ``requires_grad`` says whether it carries a gradient). ``output`` is
-    called with the model's output.
+    statistics, dropout masks and decorrelators are untouched; without a graph, or with
+    ``grad`` with one (even inside ``torch.no_grad()``), so that an input's ``requires_grad``
+    says whether it carries a gradient. ``output`` is called with the model's output.
     """
     seen: list[tuple[nn.Module, Tensor | None]] = []
 
@@ -56,7 +56,7 @@ def call_order(
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
     try:
-        with eval_mode(model), torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        with eval_mode(model), torch.set_grad_enabled(grad):
             out = model(example[:1])
         if output is not None:
             output(out)

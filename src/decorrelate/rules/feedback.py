@@ -363,11 +363,10 @@ class DirectFeedbackAlignment(_FeedbackRule):
         self._hidden: list[tuple[nn.Module, Tensor]] = []
         if example is not None:
             out: list[Tensor] = []
-            with torch.enable_grad():  # which inputs carry a gradient
-                seen = call_order(
-                    model, [m for _, m in self.points], example,
-                    grad=True, output=lambda o: out.append(self.loss.select(o)),
-                )  # fmt: skip
+            seen = call_order(  # with a graph: which inputs carry a gradient
+                model, [m for _, m in self.points], example,
+                grad=True, output=lambda o: out.append(self.loss.select(o)),
+            )  # fmt: skip
             for module, h in seen:
                 if isinstance(h, Tensor) and h.requires_grad:
                     self._feedback_for(module, h.shape, out[0].shape)
