@@ -10,8 +10,8 @@ byte counts of a real ``torch.save`` file.
 
     python benchmarks/bench_r_memory.py [--method scaled] [--check]
 
-The ResNet-18 is written here (BasicBlock, ImageNet stem, 1000 classes: 11.7 M parameters, the
-torchvision layout) so that no torchvision is needed.
+The ResNet-18 is built here (the zoo's BasicBlock, ImageNet stem, 1000 classes: 11.7 M
+parameters, the torchvision layout) so that no torchvision is needed.
 """
 
 from __future__ import annotations
@@ -26,44 +26,25 @@ from torch import nn
 
 from decorrelate.models import MLP, ConvNet
 from decorrelate.nn import decorrelate, decorrelators
-
-
-class BasicBlock(nn.Module):
-    """ResNet's two 3×3 convolutions with batch norm and an identity (or 1×1) shortcut."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int, device=None) -> None:
-        super().__init__()
-        kw = {"bias": False, "device": device}
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, **kw)
-        self.bn1 = nn.BatchNorm2d(c_out, device=device)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, **kw)
-        self.bn2 = nn.BatchNorm2d(c_out, device=device)
-        self.down = None
-        if stride != 1 or c_in != c_out:
-            self.down = nn.Sequential(
-                nn.Conv2d(c_in, c_out, 1, stride, **kw), nn.BatchNorm2d(c_out, device=device)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
+from decorrelate.zoo import BasicBlock
 
 
 def resnet18(num_classes: int = 1000, device=None) -> nn.Module:
-    """ResNet-18 (He et al. 2016), torchvision's layout: 11 689 512 parameters."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(3, 64, 7, 2, 3, bias=False, device=device),
-        nn.BatchNorm2d(64, device=device),
-        nn.ReLU(),
-        nn.MaxPool2d(3, 2, 1),
-    ]
-    c = 64
-    for width, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
-        layers += [BasicBlock(c, width, stride, device), BasicBlock(width, width, 1, device)]
-        c = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes, device=device)]
-    return nn.Sequential(*layers)
+    """ResNet-18 (He et al. 2016), torchvision's layout: 11 689 512 parameters (the zoo's
+    :class:`~decorrelate.zoo.BasicBlock` behind the ImageNet stem)."""
+    with torch.device(device or "cpu"):
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1),
+        ]
+        c = 64
+        for width, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            layers += [BasicBlock(c, width, stride), BasicBlock(width, width, 1)]
+            c = width
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes)]
+        return nn.Sequential(*layers)
 
 
 def mnist_mlp(device=None) -> nn.Module:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp
 
 import decorrelate.rules.align  # noqa: F401  (registers the align rules)
+from conftest import bp_grads, rule_grads
 from decorrelate import Loss, UserError, build_model, get_rule, make_config, resume, train
 from decorrelate.align import AlignmentProbe
 from decorrelate.checkpoint import load_checkpoint
@@ -26,24 +27,6 @@ from decorrelate.models import NTKScale, VanillaRNN
 from decorrelate.rules import rule_class
 
 TIMING = {"seconds", "epoch_seconds", "eval_seconds"}
-
-
-def grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def bp_grads(model, loss, x, y) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    loss(model(x), y).backward()
-    out = grads(model)
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def rule_grads(rule, model, x, y) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    rule.backward(model, x, y)
-    return grads(model)
 
 
 def ntk_mlp(seed=0):
@@ -98,7 +81,7 @@ def test_align_rules_equal_bp_exactly_at_initialisation(case, name):
     make, _, loss, _ = CASES[case]
     model = make()
     x, y = batch(case)
-    expected = bp_grads(model, loss, x, y)
+    expected = bp_grads(model, x, y, loss)
     rule = get_rule(name)
     rule.attach(model, loss)
     got = rule_grads(rule, model, x, y)
@@ -132,7 +115,7 @@ def test_align_zero_is_gradient_descent_on_the_linearised_network():
     for n in expected:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-10, atol=1e-13)
     # and it is not BP any more (the network is no longer at its initialisation)
-    bp = bp_grads(model, loss, x, y)
+    bp = bp_grads(model, x, y, loss)
     assert not torch.allclose(got["2.weight"], bp["2.weight"], rtol=1e-3)
 
 
@@ -146,7 +129,7 @@ def test_align_ada_uses_twin_deltas_and_current_presynaptic_activity():
     x, y = batch("mlp")
     got_ada = rule_grads(ada, model, x, y)
     got_zero = rule_grads(zero, model, x, y)
-    bp = bp_grads(model, loss, x, y)
+    bp = bp_grads(model, x, y, loss)
     # readout: align-ada is e ⊗ current features = BP's readout gradient; align-zero is not
     torch.testing.assert_close(got_ada["8.weight"], bp["8.weight"], rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(got_ada["8.bias"], bp["8.bias"], rtol=1e-10, atol=1e-13)
@@ -300,7 +283,7 @@ def test_align_rules_train_norm_affine_parameters_as_layers(name, norm):
         layer.weight.uniform_(0.5, 1.5)
         layer.bias.uniform_(-0.5, 0.5)
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))
-    expected = bp_grads(model, Loss(), x, y)
+    expected = bp_grads(model, x, y, Loss())
     rule = get_rule(name)
     rule.attach(model, Loss())
     got = rule_grads(rule, model, x, y)
@@ -361,14 +344,14 @@ def test_last_layer_trains_only_the_readout():
     model = ntk_mlp()
     loss = Loss("mse-shifted")
     x, y = batch("mlp")
-    expected = bp_grads(model, loss, x, y)
+    expected = bp_grads(model, x, y, loss)
     rule = get_rule("last-layer")
     rule.attach(model, loss)
     got = rule_grads(rule, model, x, y)
     assert set(got) == {"8.weight", "8.bias"}
     torch.testing.assert_close(got["8.weight"], expected["8.weight"])
     with rule.suspended():  # the BP reference of the metrics still sees every layer
-        assert set(bp_grads(model, loss, x, y)) == set(expected)
+        assert set(bp_grads(model, x, y, loss)) == set(expected)
 
 
 # ----------------------------------------------------------------------------- training loop
@@ -412,7 +395,7 @@ def test_alignment_probe_matches_bp_and_scores_the_prediction():
     model = ntk_mlp()
     loss = Loss("mse-shifted")
     x, y = batch("mlp")
-    expected = bp_grads(model, loss, x, y)
+    expected = bp_grads(model, x, y, loss)
     probe = AlignmentProbe()
     probe.attach(model, loss)
     got = rule_grads(probe, model, x, y)
@@ -595,7 +578,7 @@ def test_align_rules_on_decorrelated_layers_equal_bp_when_twin_is_current(name, 
         local_update(model)
     assert any(float((m.R - torch.eye(m.R.shape[0])).abs().max()) > 1e-4 for m in _decors(model))
     x, y = batch(case)
-    expected = bp_grads(model, loss, x, y)
+    expected = bp_grads(model, x, y, loss)
     rule = get_rule(name)
     rule.attach(model, loss)  # the twin is taken now, so it equals the network
     got = rule_grads(rule, model, x, y)

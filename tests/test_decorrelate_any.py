@@ -35,12 +35,7 @@ from decorrelate.nn.sampling import conv_patches
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Conv1D(nn.Module):

@@ -271,3 +271,12 @@ def test_fa_handles_string_padding():
     got = rule_grads(rule, model, x, y)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name])
+
+
+def test_dfa_attached_under_no_grad_draws_every_feedback_matrix():
+    model = mlp()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    rule = get_rule("dfa")
+    with torch.no_grad():
+        rule.attach(model, Loss(), torch.Generator().manual_seed(0), example=x)
+    assert [hasattr(model[i], "dfa_feedback") for i in (1, 3, 5)] == [False, True, True]

@@ -209,3 +209,34 @@ def test_a_decorrelated_layer_is_one_layer_with_weight_w_r(layer, x_shape):
     torch.testing.assert_close(gb, layer.bias.grad, rtol=1e-10, atol=1e-10)
     back = L.input_grad(wrapper, e, x.detach(), layer.weight.detach())
     torch.testing.assert_close(back, x.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_call_order_probes_one_sample_in_eval_mode_and_puts_every_mode_back():
+    from decorrelate.layers.runtime import call_order
+
+    head, body = nn.Linear(4, 2), nn.Linear(3, 4)
+    model = nn.Sequential(body, nn.BatchNorm1d(4), nn.Dropout(0.5), head)
+    model.train()
+    model[2].eval()  # a submodule the user keeps in eval mode
+    stats = model[1].running_mean.clone()
+    during = []
+    model[1].register_forward_pre_hook(lambda m, a: during.append(m.training))
+    outputs = []
+    calls = call_order(model, [head, body], torch.randn(5, 3), output=outputs.append)
+    assert [(m, tuple(x.shape)) for m, x in calls] == [(body, (1, 3)), (head, (1, 4))]
+    assert during == [False] and tuple(outputs[0].shape) == (1, 2)
+    assert torch.equal(model[1].running_mean, stats)
+    assert [m.training for m in model] == [True, True, False, True] and model.training
+
+
+def test_call_order_with_grad_records_which_inputs_carry_a_gradient_even_under_no_grad():
+    from decorrelate.layers.runtime import call_order
+
+    first, second = nn.Linear(3, 4), nn.Linear(4, 2)
+    model = nn.Sequential(first, nn.Tanh(), second)
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        calls = call_order(model, [first, second], x, grad=True)
+        plain = call_order(model, [first, second], x)
+    assert [h.requires_grad for _, h in calls] == [False, True]
+    assert [h.requires_grad for _, h in plain] == [False, False]

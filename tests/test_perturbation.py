@@ -706,9 +706,18 @@ def test_a_compiled_model_gets_one_clear_error():
     nested = nn.Sequential(torch.compile(nn.Linear(6, 3)))
     with pytest.raises(UserError, match=r"compile'd module \(0\)"):
         rule.attach(nested, Loss(), torch.Generator().manual_seed(0))
+    # attached to the plain model, then handed the compiled one (or a compiled submodule)
+    x, y = data()
+    rule.attach(model, Loss(), torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=r"torch.compile'd module \(the model\)"):
+        rule.backward(compiled, x, y)
+    plain = nn.Sequential(nn.Linear(6, 3))
+    rule.attach(plain, Loss(), torch.Generator().manual_seed(0))
+    plain[0] = torch.compile(plain[0])
+    with pytest.raises(UserError, match=r"compile'd module \(0\)"):
+        rule.backward(plain, x, y)
     # the rule's own backward compiled: dynamo runs the hook-driven passes through graph
     # breaks, and the update is the eager one ("eager" backend: no C compiler needed)
-    x, y = data()
     eager = named_rule("np", model, x, y, 2)
     rule = get_rule("np", sigma=1e-4, samples=2)
     rule.attach(model, Loss(), torch.Generator().manual_seed(0))

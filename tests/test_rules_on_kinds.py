@@ -15,6 +15,7 @@ from torch import nn
 from torch.func import functional_call, vjp
 
 import decorrelate.rules.align  # noqa: F401  (registers the align rules)
+from conftest import bp_grads, grads, rule_grads
 from decorrelate import Loss, UserError, get_rule
 from decorrelate import nn as dnn
 
@@ -143,25 +144,6 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tens
     return model, x, torch.randint(0, 3, (6,), generator=gen)
 
 
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def bp_grads(model, x, y, loss=None):
-    loss = loss or Loss()
-    model.zero_grad(set_to_none=True)
-    loss(model(x), y).backward()
-    out = grads(model)
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def rule_grads(rule, model, x, y):
-    model.zero_grad(set_to_none=True)
-    rule.backward(model, x, y)
-    return grads(model)
-
-
 RULES_EQUAL_TO_BP = {  # rule options under which the rule is BP (at initialisation)
     "fa": {"feedback_init": "weight"},
     "align-prop": {},
@@ -254,6 +236,15 @@ def test_fa_sends_b_transpose_delta_through_convolutions(second):
     torch.testing.assert_close(got["0.bias"], d1.sum((0, 2)))
 
 
+def _shared_layer_states(model, x):
+    """h_0 … h_3 of the "shared-layer" model (its cell called 3 times) and its output."""
+    with torch.no_grad():
+        hs = [torch.tanh(model.inp(x))]
+        for _ in range(3):
+            hs.append(torch.tanh(model.cell(hs[-1])))
+        return hs, model.head(hs[-1])
+
+
 def test_fa_routes_every_call_of_a_shared_layer():
     model, x, y = build("shared-layer")
     rule = get_rule("fa")
@@ -261,11 +252,7 @@ def test_fa_routes_every_call_of_a_shared_layer():
     got = rule_grads(rule, model, x, y)
     w0, ws, wh = model.inp.weight, model.cell.weight, model.head.weight
     bs, bh = model.cell.fa_feedback, model.head.fa_feedback
-    with torch.no_grad():
-        hs = [torch.tanh(model.inp(x))]
-        for _ in range(3):
-            hs.append(torch.tanh(model.cell(hs[-1])))
-        out = model.head(hs[-1])
+    hs, out = _shared_layer_states(model, x)
     e = (torch.softmax(out, 1) - F.one_hot(y, 3)) / x.shape[0]
     d = (e @ bh) * (1 - hs[3] ** 2)
     gws = torch.zeros_like(ws)
@@ -287,11 +274,7 @@ def test_dfa_projects_to_every_call_of_a_shared_layer():
     got = rule_grads(rule, model, x, y)
     bs, bh = model.cell.dfa_feedback, model.head.dfa_feedback
     assert not hasattr(model.inp, "dfa_feedback")  # its input is the data
-    with torch.no_grad():
-        hs = [torch.tanh(model.inp(x))]
-        for _ in range(3):
-            hs.append(torch.tanh(model.cell(hs[-1])))
-        out = model.head(hs[-1])
+    hs, out = _shared_layer_states(model, x)
     e = (torch.softmax(out, 1) - F.one_hot(y, 3)) / x.shape[0]
     deltas = [(e @ bs.T) * (1 - h**2) for h in hs[:3]] + [(e @ bh.T) * (1 - hs[3] ** 2)]
     torch.testing.assert_close(got["inp.weight"], deltas[0].T @ x)

@@ -443,6 +443,17 @@ def test_attention_unbatched_and_causal():
         unroll(nn.MultiheadAttention(E, H))(xb, xb, xb, is_causal=True)
 
 
+def test_attention_with_a_computed_projection_weight_is_refused():
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    mha = nn.MultiheadAttention(E, H)
+    nn.utils.parametrize.register_parametrization(mha, "in_proj_weight", Doubled())
+    with pytest.raises(UserError, match=r"MultiheadAttention\.in_proj_weight is not a Parameter"):
+        unroll(nn.Sequential(mha))
+
+
 def test_attention_dropout_draws_from_the_global_rng():
     torch.manual_seed(0)
     m = unroll(nn.MultiheadAttention(E, H, dropout=0.5))

@@ -256,7 +256,22 @@ def gru_lm(
     return _seeded(lambda: RecurrentLM("gru", vocab, embed, hidden, layers, dropout), seed)
 
 
-class EncoderClassifier(nn.Module):
+class _TokenModel(nn.Module):
+    """Token + learned position embeddings (``embed``, ``pos``), shared by
+    :class:`EncoderClassifier` and :class:`GPT`."""
+
+    def __init__(self, vocab: int, d_model: int, max_len: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.pos = nn.Embedding(max_len, d_model)
+
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """Tokens [B, T] → their embeddings plus those of positions 0..T−1, [B, T, d_model]."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.embed(tokens) + self.pos(positions)
+
+
+class EncoderClassifier(_TokenModel):
     """Token + learned position embeddings → pre-LN ``nn.TransformerEncoderLayer`` s
     (``norm_first=True``, batch first) → LayerNorm → mean over tokens → Linear.
 
@@ -274,9 +289,7 @@ class EncoderClassifier(nn.Module):
         max_len: int,
         dropout: float,
     ) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
-        self.pos = nn.Embedding(max_len, d_model)
+        super().__init__(vocab, d_model, max_len)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
                 d_model, heads, ff, dropout, batch_first=True, norm_first=True
@@ -287,8 +300,7 @@ class EncoderClassifier(nn.Module):
         self.head = nn.Linear(d_model, classes)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        h = self.embed(tokens) + self.pos(positions)
+        h = self.embed_tokens(tokens)
         for layer in self.layers:
             h = layer(h)
         return self.head(self.norm(h).mean(1))
@@ -331,7 +343,7 @@ class DecoderBlock(nn.Module):
         return x + self.drop(self.proj(self.act(self.fc(self.ln2(x)))))
 
 
-class GPT(nn.Module):
+class GPT(_TokenModel):
     """A GPT-style decoder LM from ``nn.Embedding`` / ``nn.MultiheadAttention`` / ``nn.Linear``:
     token + learned position embeddings, :class:`DecoderBlock` s with a causal mask, final
     LayerNorm, Linear head. Tokens [B, T] (T ≤ ``max_len``) → next-token logits [B, T, V]."""
@@ -346,9 +358,7 @@ class GPT(nn.Module):
         max_len: int,
         dropout: float,
     ) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
-        self.pos = nn.Embedding(max_len, d_model)
+        super().__init__(vocab, d_model, max_len)
         self.blocks = nn.ModuleList(
             DecoderBlock(d_model, heads, ff, dropout) for _ in range(layers)
         )
@@ -357,10 +367,9 @@ class GPT(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         t = tokens.shape[1]
-        positions = torch.arange(t, device=tokens.device)
         # True above the diagonal: position i may not attend to j > i.
         mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
-        h = self.embed(tokens) + self.pos(positions)
+        h = self.embed_tokens(tokens)
         for block in self.blocks:
             h = block(h, mask)
         return self.head(self.norm(h))

@@ -44,7 +44,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .recurrent import _Origin, linear_from
+from .recurrent import _Origin, _param, linear_from
+
+#: The Parameters of ``nn.MultiheadAttention`` outside ``out_proj`` that the projections take.
+_MHA_PARAMETERS = (
+    "in_proj_weight",
+    "in_proj_bias",
+    "q_proj_weight",
+    "k_proj_weight",
+    "v_proj_weight",
+)
 
 
 class UnrolledAttention(_Origin):
@@ -76,16 +85,7 @@ class UnrolledAttention(_Origin):
         self.batch_first = mha.batch_first
         self.add_zero_attn = bool(mha.add_zero_attn)
         self.packed = bool(mha._qkv_same_embed_dim)
-        names: dict[str, nn.Parameter | None] = {}
-        for n in ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight"):
-            names[n] = getattr(mha, n)
-        names["v_proj_weight"] = mha.v_proj_weight
-        for n, p in names.items():
-            if p is not None and not isinstance(p, nn.Parameter):
-                raise UserError(
-                    f"{type(mha).__name__}.{n} is not a Parameter (a parametrization?); "
-                    "remove it before decorrelate.layers.unroll"
-                )
+        names = {n: _param(mha, n) for n in _MHA_PARAMETERS}
         if self.packed:
             self.in_proj = linear_from(names["in_proj_weight"], names["in_proj_bias"])
             self.proj_bias = None
@@ -167,25 +167,18 @@ class UnrolledAttention(_Origin):
         batched = query.dim() == 3
         same_kv = key is value
         same_qk = query is key
+
+        def batch_first(t: Tensor) -> Tensor:
+            if not batched:
+                return t.unsqueeze(0)
+            return t if self.batch_first else t.transpose(0, 1)
+
         # to batch-first [B, T, E], keeping the identities that select the projection calls
-        if not batched:
-            query = query.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query = query.transpose(0, 1)
-        if same_qk:
-            key = query
-        elif not batched:
-            key = key.unsqueeze(0)
-        elif not self.batch_first:
-            key = key.transpose(0, 1)
-        if same_kv:
-            value = key
-        elif not batched:
-            value = value.unsqueeze(0)
-        elif not self.batch_first:
-            value = value.transpose(0, 1)
+        query = batch_first(query)
+        key = query if same_qk else batch_first(key)
+        value = key if same_kv else batch_first(value)
+        if not batched and key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
         bsz, tgt_len, e = query.shape
         if e != self.embed_dim:
             raise UserError(

@@ -38,6 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def stack_rows(tensors: Sequence[Tensor]) -> Tensor:
+    """Features-last tensors [..., d] of several calls as one [N, d] matrix: every position of
+    every call is a row (the local ⟨e aᵀ⟩ of a features-last layer is then one product)."""
+    return torch.cat([t.reshape(-1, t.shape[-1]) for t in tensors])
+
+
 class LayerKind:
     """How rules read, apply and form local gradients for one kind of layer (see module doc)."""
 
@@ -128,9 +134,6 @@ class LayerKind:
         """The dim of the output that indexes the bias (−1 for features last, 1 for channels)."""
         return -1
 
-    def describe(self, module: nn.Module) -> str:
-        return self.name
-
 
 class LinearKind(LayerKind):
     """``nn.Linear`` and any subclass of it (timm heads, attention's out_proj, ...):
@@ -147,8 +150,7 @@ class LinearKind(LayerKind):
         return F.linear(x, weight)
 
     def weight_grad(self, module, inputs, errors):
-        a = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
-        e = torch.cat([t.reshape(-1, t.shape[-1]) for t in errors])
+        a, e = stack_rows(inputs), stack_rows(errors)
         return e.T @ a.to(e.dtype), self._bias_grad(module, errors)
 
     def input_grad(self, module, delta, x, weight):
@@ -181,8 +183,7 @@ class HFConv1DKind(LayerKind):
         return matrix.T
 
     def weight_grad(self, module, inputs, errors):
-        a = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
-        e = torch.cat([t.reshape(-1, t.shape[-1]) for t in errors])
+        a, e = stack_rows(inputs), stack_rows(errors)
         return a.to(e.dtype).T @ e, self._bias_grad(module, errors)
 
     def input_grad(self, module, delta, x, weight):
@@ -251,15 +252,22 @@ class ConvKind(LayerKind):
         return conv_explicit_pad(module, x), (0,) * self._dims(module)
 
     def apply(self, module: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
+        return self.convolve(module, x, weight)
+
+    def convolve(
+        self, module: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None = None
+    ) -> Tensor:
+        """The layer's convolution of ``x`` (its stride, padding, dilation and groups) with
+        ``weight`` and ``bias`` in place of its own (a decorrelated conv's forward)."""
         x, pad = self.padded(module, x)
         conv = _CONV[self._dims(module)]
-        return conv(x, weight, None, module.stride, pad, module.dilation, module.groups)
+        return conv(x, weight, bias, module.stride, pad, module.dilation, module.groups)
 
     def weight_grad(self, module, inputs, errors):
-        if conv_padding(module) is None:  # other padding modes: autograd through apply
+        pad = conv_padding(module)
+        if pad is None:  # other padding modes: autograd through apply
             return super().weight_grad(module, inputs, errors)
         n = self._dims(module)
-        pad = conv_padding(module)
         shape = self.weight(module).shape
         gw = None
         for a, e in zip(inputs, errors, strict=True):

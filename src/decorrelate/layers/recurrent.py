@@ -400,5 +400,4 @@ def unroll_recurrent(module: nn.Module) -> nn.Module:
     """The unrolled replacement of a recurrent module or cell (see the module docstring)."""
     if isinstance(module, _CELLS):
         return unroll_cell(module)
-    _base_type(module)
-    return UnrolledRNN(module)
+    return UnrolledRNN(module)  # which checks the type (_base_type)

@@ -155,11 +155,6 @@ def effective_weight(module: nn.Module) -> Tensor:
     return weight_of(module)
 
 
-def fold_r(module: nn.Module, matrix: Tensor) -> Tensor:
-    """``matrix`` (shaped like the weight) times R for a decorrelated layer; else itself."""
-    return module.fold(matrix) if is_wrapper(module) else matrix
-
-
 def _kind(module: nn.Module) -> LayerKind:
     kind = kind_of(module)
     if kind is None:

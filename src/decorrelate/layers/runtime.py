@@ -10,7 +10,8 @@ find it here with one forward of an example batch.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,17 +33,6 @@ def layer_input(args: tuple, kwargs: dict) -> tuple[Any, Callable[[Tensor], tupl
     return None, lambda t: (args, kwargs)
 
 
-def rule_layers(model: nn.Module, *, norms: bool = False) -> list[tuple[str, nn.Module]]:
-    """:func:`~decorrelate.layers.find_layers` after :func:`~decorrelate.layers.unroll` (when
-    available): the layers a rule acts on, recurrent and attention modules made of Linears."""
-    from .. import layers
-
-    unroll = getattr(layers, "unroll", None)
-    if unroll is not None:
-        unroll(model)
-    return layers.find_layers(model, norms=norms)
-
-
 def call_order(
     model: nn.Module,
     layers: Sequence[nn.Module],
@@ -55,9 +45,9 @@ def call_order(
     in call order (a layer called k times appears k times).
 
     The forward runs on the first sample, in eval mode (restored after), so that batch-norm
-    statistics, dropout masks and decorrelators are untouched; without a graph unless ``grad``
-    (then an input's ``requires_grad`` says whether it carries a gradient). ``output`` is
-    called with the model's output.
+    statistics, dropout masks and decorrelators are untouched; without a graph, or with
+    ``grad`` with one (even inside ``torch.no_grad()``), so that an input's ``requires_grad``
+    says whether it carries a gradient. ``output`` is called with the model's output.
     """
     seen: list[tuple[nn.Module, Tensor | None]] = []
 
@@ -65,19 +55,29 @@ def call_order(
         seen.append((module, layer_input(args, kwargs)[0]))
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in layers]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        with eval_mode(model), torch.set_grad_enabled(grad):
             out = model(example[:1])
         if output is not None:
             output(out)
     finally:
         for h in handles:
             h.remove()
+    return seen
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in eval mode within the block, and afterwards each one back in
+    its own mode (``model.train(was)`` would also switch a submodule kept in eval mode):
+    for probe forwards that must leave batch-norm statistics and dropout alone."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
         for m, mode in modes.items():
             m.training = mode
-    return seen
 
 
 def mark_attached(rule_name: str, modules: Sequence[nn.Module]) -> None:

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..context import StepContext
 from ..errors import UserError
-from ..layers import LayerKind, NormKind, kind_of
+from ..layers import LayerKind, NormKind, kind_of, unroll
+from ..layers.runtime import check_not_attached
 from .decorrelation import Decorrelator, wrapper_for
 from .methods import DecorConfig
 
@@ -130,15 +131,11 @@ def decorrelate(
     )
     if not isinstance(model, nn.Module):
         raise UserError(f"decorrelate() needs an nn.Module, got {type(model).__name__}")
-    from ..layers.runtime import check_not_attached  # a rule's hooks would miss the wrappers
-
-    check_not_attached(model)
+    check_not_attached(model)  # a rule's hooks would miss the wrappers
     excluded = {exclude} if isinstance(exclude, str) else set(exclude)
     if decorrelators(model):
         raise UserError("the model is already decorrelated; convert a fresh model instead")
-    from ..layers import unroll  # recurrent and attention modules → Linear layers
-
-    model = unroll(model)
+    model = unroll(model)  # recurrent and attention modules → Linear layers
     candidates, left_out = _plan(model, excluded)
     unknown = sorted(excluded - {name for name, _ in model.named_modules()})
     if unknown:

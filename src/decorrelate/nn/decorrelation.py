@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ..context import BatchShard
 from ..errors import TrainingDiverged, UserError
 from ..layers import ConvKind, LayerKind, LayerWrapper, LinearKind, kind_of
+from ..layers.kinds import stack_rows
 from ..seeding import derive_seed
 from .methods import (
     EXACT,
@@ -533,9 +534,8 @@ class DecorLinear(Decorrelator):
     def local_weight_grad(self, kind, inputs, errors):
         """The cheaper order: decorrelate the inputs (rows·d²) when there are fewer rows than
         outputs, otherwise map the d-wide result through Rᵀ (out·d²)."""
-        a = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
-        e = torch.cat([t.reshape(-1, t.shape[-1]) for t in errors])
-        a = a.to(e.dtype)
+        e = stack_rows(errors)
+        a = stack_rows(inputs).to(e.dtype)
         gw = e.T @ self.transform(a) if e.shape[1] >= a.shape[0] else self.transform(e.T @ a)
         return kind.from_matrix(self.layer, gw), kind._bias_grad(self.layer, errors)
 
@@ -557,9 +557,6 @@ class DecorLinear(Decorrelator):
         if total != rows.shape[0]:
             idx = idx[(idx >= offset) & (idx < offset + rows.shape[0])] - offset
         self._store(rows[idx], None if z is None else z.reshape(-1, d)[idx])
-
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class DecorConv(Decorrelator):
@@ -585,11 +582,7 @@ class DecorConv(Decorrelator):
     def forward(self, x: Tensor) -> Tensor:
         if self._capturing():
             self._capture(x, None)
-        conv = self.layer
-        x, pad = self.kind.padded(conv, x)
-        return _CONV[len(conv.kernel_size)](
-            x, self.effective_weight(), conv.bias, conv.stride, pad, conv.dilation, conv.groups
-        )
+        return self.kind.convolve(self.layer, x, self.effective_weight(), self.layer.bias)
 
     def _capture(self, x: Tensor, z: Tensor | None = None) -> None:
         spatial = len(self.layer.kernel_size)

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -76,7 +76,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import layers as L
 from ..context import SINGLE_PROCESS, StepContext
 from ..errors import UserError
-from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
+from ..layers.runtime import call_order, layer_input, mark_attached, release
 from ..nn import capturing
 from ..options import opt
 from ..schema import Options
@@ -169,14 +169,14 @@ def norm_vjp(norm: nn.Module, x: Tensor, grad: Tensor) -> Tensor:
     return out
 
 
-def check_align_model(model: nn.Module, points: list[tuple[str, nn.Module]]) -> None:
-    """Every trainable parameter must sit in a rule layer (a layer kind or a norm's affine)."""
-    owned = {id(p) for _, m in points for p in m.parameters()}
-    extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+def check_align_model(model: nn.Module) -> None:
+    """Every trainable parameter must sit in a rule layer (a layer kind or a norm's affine):
+    :func:`~decorrelate.layers.loose_parameters` must be empty."""
+    extra = L.loose_parameters(model)
     if extra:
         raise UserError(
             f"align rules train only layers (decorrelate.layers.find_layers, normalisation "
-            f"affine parameters included); {extra[0]} is a parameter outside every layer "
+            f"affine parameters included); {extra[0][0]} is a parameter outside every layer "
             "(freeze it, or train the model with rule bp)"
         )
 
@@ -211,8 +211,8 @@ class _TwinAlign(LearningRule):
     ) -> None:
         """Take the twin: a frozen deep copy of ``model`` as it is now (its initialisation)."""
         super().attach(model, loss, generator)
-        self.points = rule_layers(model, norms=True)
-        check_align_model(model, self.points)
+        self.points = L.find_layers(model, norms=True)
+        check_align_model(model)
         mark_attached(self.name, [m for _, m in self.points])
         self.twin = make_twin(model)
         twin_modules = dict(self.twin.named_modules())
@@ -240,7 +240,7 @@ class _TwinAlign(LearningRule):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Forward the real network (no graph): its output, the mean loss and e = ∂L/∂output
         (of the loss weighted by ``ctx.loss_scale``)."""
-        real = self._real.recording() if self._real is not None else _nothing()
+        real = self._real.recording() if self._real is not None else nullcontext()
         with real, torch.no_grad(), capturing(model, True):
             output = self.loss.select(model(x))
         out = output.detach().requires_grad_(True)
@@ -367,11 +367,6 @@ class _TwinAlign(LearningRule):
         super().load_state_dict(state)
         if state.get("twin") is not None and self.twin is not None:
             self.twin.load_state_dict(state["twin"])
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def make_twin(model: nn.Module) -> nn.Module:
@@ -542,7 +537,7 @@ class LastLayer(LearningRule):
         example: Tensor | None = None,
     ) -> None:
         super().attach(model, loss, generator)
-        self.points = rule_layers(model)
+        self.points = L.find_layers(model)
         mark_attached(self.name, [m for _, m in self.points])
         if self.readout_name is not None:
             named = dict(self.points)

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .. import layers as L
 from ..context import SINGLE_PROCESS, StepContext
 from ..errors import UserError
-from ..layers.runtime import call_order, layer_input, mark_attached, release, rule_layers
+from ..layers.runtime import call_order, layer_input, mark_attached, release
 from ..options import opt, positive
 from ..schema import Options
 from .base import LearningRule, StepOutput, register_options, register_rule
@@ -171,7 +171,7 @@ class _FeedbackRule(LearningRule):
 
     def _find_points(self, model: nn.Module) -> None:
         """Every layer that passes an error to its input (embeddings keep their local grad)."""
-        self.points = [(n, m) for n, m in rule_layers(model) if L.kind_of(m).has_input_grad]
+        self.points = [(n, m) for n, m in L.find_layers(model) if L.kind_of(m).has_input_grad]
         mark_attached(self.name, [m for _, m in self.points])
 
     @contextmanager
@@ -366,11 +366,10 @@ class DirectFeedbackAlignment(_FeedbackRule):
         self._hidden: list[tuple[nn.Module, Tensor]] = []
         if example is not None:
             out: list[Tensor] = []
-            with torch.enable_grad():  # which inputs carry a gradient
-                seen = call_order(
-                    model, [m for _, m in self.points], example,
-                    grad=True, output=lambda o: out.append(self.loss.select(o)),
-                )  # fmt: skip
+            seen = call_order(  # with a graph: which inputs carry a gradient
+                model, [m for _, m in self.points], example,
+                grad=True, output=lambda o: out.append(self.loss.select(o)),
+            )  # fmt: skip
             for module, h in seen:
                 if isinstance(h, Tensor) and h.requires_grad:
                     self._feedback_for(module, h.shape, out[0].shape)

@@ -87,9 +87,17 @@ from torch import Tensor, nn
 from ..context import SINGLE_PROCESS, BatchShard, StepContext
 from ..errors import UserError
 from ..layers import bias_of, find_layers, is_wrapper, loose_parameters, weight_grad, weight_of
+from ..layers.runtime import eval_mode
 from ..options import opt, positive
 from ..schema import Options
-from .base import LearningRule, StepOutput, register_options, register_rule, register_shorthand
+from .base import (
+    LearningRule,
+    StepOutput,
+    accumulate_grad,
+    register_options,
+    register_rule,
+    register_shorthand,
+)
 
 NOISES = ("gaussian", "bernoulli", "centred-bernoulli")
 
@@ -615,12 +623,12 @@ class _Passes:
         module = self.layers[index][1]
         with _no_autocast():
             gw, gb = weight_grad(module, inputs, errors)
-        _accumulate(weight_of(module), gw)
+        accumulate_grad(weight_of(module), gw)
         if gb is not None:
-            _accumulate(bias_of(module), gb)
+            accumulate_grad(bias_of(module), gb)
 
     def write_loose(self, j: int, grad: Tensor) -> None:
-        _accumulate(self.loose[j][1], grad)
+        accumulate_grad(self.loose[j][1], grad)
 
 
 def _batch_size(x: Any) -> int:
@@ -643,14 +651,6 @@ def _no_autocast() -> Iterator[None]:
                 yield
         else:
             yield
-
-
-def _accumulate(param: Tensor | None, grad: Tensor) -> None:
-    """Add a hand-computed update into ``param.grad`` (skips missing and frozen parameters)."""
-    if param is None or not param.requires_grad:
-        return
-    grad = grad.to(param.dtype).reshape(param.shape)
-    param.grad = grad if param.grad is None else param.grad + grad
 
 
 def _per_sample(s: Tensor, like: Tensor) -> Tensor:
@@ -685,10 +685,9 @@ def _shared_layers(
     model: nn.Module, layers: list[tuple[str, nn.Module]], x: Tensor
 ) -> list[tuple[str, tuple[int, ...]]]:
     """The layers (name, output shape) whose output does not depend on the batch size, found
-    from forwards of the first 1 and 2 samples of ``x`` (eval mode, no graph; the global random
-    state and every module's mode are put back)."""
-    if x.dim() == 0 or x.shape[0] < 2:
-        return []
+    from forwards of the first 1 and 2 samples of ``x`` (which holds at least 2: the caller
+    checks), in eval mode, without a graph; the global random state and every module's mode are
+    put back."""
     seen: dict[str, list[tuple[int, ...]]] = {}
     handles = []
     for name, module in layers:
@@ -698,18 +697,14 @@ def _shared_layers(
                 seen.setdefault(name, []).append(tuple(out.shape))
 
         handles.append(module.register_forward_hook(hook))
-    modes = {m: m.training for m in model.modules()}
     cpu_rng = torch.get_rng_state()
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for n in (1, 2):
                 model(x[:n])
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
         torch.set_rng_state(cpu_rng)
     shared = []
     for name, shapes in seen.items():
@@ -831,17 +826,18 @@ class NodePerturbation(LearningRule):
         example: Tensor | None = None,
     ) -> None:
         super().attach(model, loss, generator)
-        refuse_compiled(model)
         self._find(model)  # find_layers unrolls recurrent/attention modules
 
     def _find(self, model: nn.Module) -> None:
-        """The layers and loose parameters, found again whenever the model's modules change.
+        """The layers and loose parameters, found again whenever the model's modules change
+        (a compiled wrapper or submodule among them is refused then).
 
         Layers in ``_shared`` (outputs that do not depend on the batch, see
         :meth:`_learn_shared`) are trained like loose parameters (weight perturbation)."""
         key = tuple(map(id, model.modules()))
         if key == self._found:
             return
+        refuse_compiled(model)
         layers = find_layers(model, norms=True)
         shared = self._shared
         self.layers = [(n, m) for n, m in layers if n not in shared]
@@ -888,7 +884,6 @@ class NodePerturbation(LearningRule):
     def backward(
         self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext = SINGLE_PROCESS
     ) -> StepOutput:
-        refuse_compiled(model)
         self._find(model)  # cheap, and follows a model changed after attach
         if self.generator is None:  # the noise must not come from the replayed global state
             seed = int(torch.randint(0, 2**62, (1,)))
@@ -904,7 +899,6 @@ class NodePerturbation(LearningRule):
         )
         for attempt in range(2):
             run = _Passes(model, x, y, self.loss, self.layers, self.loose, injector, ctx)
-            start = run.rng.get()
             try:
                 with torch.no_grad():
                     losses, raw = self.learn(run)
@@ -913,7 +907,7 @@ class NodePerturbation(LearningRule):
             except _NotPerSample as err:
                 if attempt or not self._learn_shared(model, x, err.layer):
                     raise UserError(err.message) from None
-                run.rng.set(start)  # the clean pass stopped at that layer: start again
+                run.rng.set(run.start)  # the clean pass stopped at that layer: start again
             finally:
                 run.close()
         return StepOutput(ctx.unscaled(losses.mean()).detach(), self.loss.select(raw).detach())
