@@ -147,14 +147,27 @@ def test_summary_and_pivot_tables_average_over_seeds_and_write_csv():
     assert "| rule | width=8 (n=2) |" in pivot.markdown()
 
 
-def test_verdict_needs_the_difference_beyond_twice_its_standard_error():
+def test_verdict_needs_the_95_percent_t_interval_on_one_side_of_zero():
     assert verdict([0.10, 0.12, 0.11]) == CONFIRMED
     assert verdict([-0.10, -0.12, -0.11]) == REFUTED
     assert verdict([0.10, -0.08, 0.02]) == INCONCLUSIVE  # spread swamps the mean
     assert verdict([0.5]) == INCONCLUSIVE  # one seed cannot decide
-    # mean 0.01, std 0.01, n 3: margin 2·0.01/√3 = 0.0115 > 0.01
-    assert verdict([0.0, 0.01, 0.02]) == INCONCLUSIVE
-    assert verdict([0.02, 0.03, 0.04]) == CONFIRMED
+    # n 3, std 0.01: margin t(2)·0.01/√3 = 4.303·0.00577 = 0.0248
+    assert verdict([0.01, 0.02, 0.03]) == INCONCLUSIVE  # mean 0.02 (two SE would confirm it)
+    assert verdict([0.02, 0.03, 0.04]) == CONFIRMED  # mean 0.03
+    # n 5: margin t(4)·std/√5 = 2.776·std/2.236
+    assert verdict([-0.005, 0.005, 0.01, 0.015, 0.025]) == INCONCLUSIVE  # 0.010 < 0.0139
+    assert verdict([0.005, 0.01, 0.015, 0.02, 0.025]) == CONFIRMED  # 0.015 > 0.0098
+
+
+def test_about_five_percent_of_noise_only_comparisons_are_decided():
+    """The verdict's error rate under the null: differences drawn around zero with 3 seeds."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.randn(4000, 3, generator=gen, dtype=torch.float64).tolist()
+    decided = sum(verdict(d) != INCONCLUSIVE for d in draws) / len(draws)
+    assert 0.03 < decided < 0.07, decided
 
 
 def test_a_claim_whose_runs_are_missing_is_inconclusive_not_a_crash():
