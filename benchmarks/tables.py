@@ -14,8 +14,9 @@ files and command, so every number there can be traced to the run that made it, 
 cannot drift from the summaries: ``tests/test_benchmarks_md.py`` checks that regenerating changes
 nothing. Text outside the markers (and tables without markers) is left alone.
 
-Views (each over compare-style ``results.json`` files of :mod:`decorrelate.experiments.compare`,
-whose groups hold ``[mean, sample std]`` pairs over seeds, or a tuning ``grid.json``):
+Views (the first four over compare-style ``results.json`` files of
+:mod:`decorrelate.experiments.compare`, whose groups hold ``[mean, sample std]`` pairs over
+seeds, or a tuning ``grid.json``; the others over the JSON other benchmarks write):
 
 ``datasets``  one row per group of the first file, one column per file (dataset) with the
               ``key`` (default ``best_test_acc``) in %, mean ± std; ``diff=gap`` adds the first
@@ -37,7 +38,33 @@ whose groups hold ``[mean, sample std]`` pairs over seeds, or a tuning ``grid.js
               is), one column per ``cols="title|template;…"``: a ``str.format`` template over the
               record (``{single[samples_per_s]:.0f}``; ``{x:pct:.2f}`` × 100, ``{x:MiB:.2f}``
               bytes in MiB).
-``file``      the table rows of a markdown summary a benchmark wrote itself (``*.md``), verbatim.
+``file``      the table rows of a markdown summary a benchmark wrote itself (``*.md``), verbatim;
+              ``table=N`` takes its N-th table (from 1) where it holds several, ``rows="a;b"``
+              picks and orders the rows by their first cell, from several files if given (the
+              header is the first file's).
+``alignment`` one suite ``results.json`` of ``bench_align_suites.py`` (its per-run records): the
+              mean over seeds of each layer's alignment score of the ``rule`` (default bp) per
+              width ``x``, with the shuffled-ΔŴ control in brackets and, where recorded, the
+              flattened-kernel score in square brackets; ``layers="title|K;…"`` names the layers
+              (K: the index in ``align_score/K``), ``column="{x} ch"`` the width columns.
+``pivot``     records as in ``records`` (``at=runs``), one row per value of ``row=KEY``, one
+              column per value of ``col=KEY`` (titled ``colname="η = {lr:g}"``), each cell the
+              ``cell`` template over the record at that row and column (— where none is).
+``fixedpoint`` the ``multi_seed`` part of ``bench_fixedpoint.py --part mnist``'s summary: per
+              rule and η, the best train and test accuracy (mean ± std over the seeds that
+              finished an epoch, — where none did), max Re λ(W) over training per seed (two
+              decimals, three digits from 10) and the step where each seed stopped (— = ran to
+              the end; one — where every seed did).
+``solver``    ``bench_fixedpoint.py --part solver``'s cases: per network its max Re λ(W) and,
+              per solver, iterations / milliseconds / fraction converged (left out where 1).
+``cells``     a table laid out by hand whose every number is read from the summaries:
+              ``cells="h1|h2;c1|c2;…"`` (rows split by ``;``, cells by ``|``, the first row the
+              header), each cell a template as in ``records`` over the files: ``{0[key]}`` the
+              first file (whose keys may also be written bare, ``{key}``), ``{1[key]}`` the
+              second; ``{a/b}`` is the ratio of two fields, ``[0]`` on a mapping reads its key
+              ``"0"``; ``{x:k:.2f}`` is ÷ 1000 (ms in s), ``{x:sp:,.0f}`` groups thousands with
+              a space, and a null value is written —. ``align="lrrl"`` sets
+              the columns' alignment (default: the first left, the others right).
 
     python benchmarks/tables.py            # rewrite BENCHMARKS.md
     python benchmarks/tables.py --check    # exit 1 if BENCHMARKS.md is out of date
@@ -300,31 +327,80 @@ def view_tuning(root: Path, paths: list[str], options: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _markdown_table(root: Path, path: str, number: int) -> list[str]:
+    """The lines of the ``number``-th markdown table (from 1) in ``path``."""
+    try:
+        text = (root / path).read_text()
+    except OSError as err:
+        raise TableError(f"cannot read table {path}: {err}") from None
+    tables: list[list[str]] = []
+    previous = False
+    for line in text.splitlines():
+        row = line.startswith("|")
+        if row and not previous:
+            tables.append([])
+        if row:
+            tables[-1].append(line)
+        previous = row
+    if not tables:
+        raise TableError(f"{path} holds no markdown table")
+    if not 1 <= number <= len(tables):
+        raise TableError(f"{path} holds {len(tables)} tables, not a table {number}")
+    return tables[number - 1]
+
+
 def view_file(root: Path, paths: list[str], options: dict[str, str]) -> str:
     """See the module docstring (``file``)."""
-    if len(paths) != 1:
-        raise TableError("the file view takes one markdown table")
-    try:
-        text = (root / paths[0]).read_text()
-    except OSError as err:
-        raise TableError(f"cannot read table {paths[0]}: {err}") from None
-    rows = [line for line in text.splitlines() if line.startswith("|")]
-    if not rows:
-        raise TableError(f"{paths[0]} holds no markdown table")
+    if len(paths) != 1 and "rows" not in options:
+        raise TableError('the file view takes one markdown table, or several with rows="a;b"')
+    number = int(options.get("table", "1"))
+    tables = [_markdown_table(root, path, number) for path in paths]
+    rows = tables[0]
+    if "rows" in options:
+        body: dict[str, str] = {}
+        for table in tables:
+            for line in table[2:]:
+                body.setdefault(line.split("|")[1].strip(), line)
+        rows = rows[:2] + [body[label] for label in _rows(list(body), options)]
     return "\n".join(rows)
 
 
 class _Units(string.Formatter):
     """``str.format`` with a unit before the format spec: ``{x:pct:.2f}`` (× 100),
-    ``{x:MiB:.2f}`` (bytes ÷ 2²⁰)."""
+    ``{x:MiB:.2f}`` (bytes ÷ 2²⁰), ``{x:k:.2f}`` (÷ 1000: ms in s), ``{x:sp:,.0f}`` (thousands
+    grouped by a space)."""
 
-    SCALES: ClassVar[dict[str, float]] = {"pct": 100.0, "MiB": 1.0 / 2**20}
+    SCALES: ClassVar[dict[str, float]] = {"pct": 100.0, "MiB": 1.0 / 2**20, "k": 1e-3}
 
     def format_field(self, value: Any, format_spec: str) -> str:
+        if value is None:  # a summary's "not reached" / "not measured"
+            return "—"
         unit, _, rest = format_spec.partition(":")
         if unit in self.SCALES:
             return super().format_field(value * self.SCALES[unit], rest)
+        if unit == "sp":
+            return super().format_field(value, rest).replace(",", " ")
         return super().format_field(value, format_spec)
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> tuple[Any, str]:
+        """``a/b``: the ratio of two fields; ``[k]`` reads a list's index or a mapping's string
+        key (JSON's keys are strings, ``"0"`` too); a key holding a dot is read whole."""
+        if field_name in kwargs:
+            return kwargs[field_name], field_name
+        depth = 0
+        for at, char in enumerate(field_name):
+            depth += {"[": 1, "]": -1}.get(char, 0)
+            if char == "/" and depth == 0:
+                value = self.get_field(field_name[:at], args, kwargs)[0]
+                return value / self.get_field(field_name[at + 1 :], args, kwargs)[0], field_name
+        match = re.fullmatch(r"([^.\[]*)((?:\[[^\]]*\])*)", field_name)
+        if match is None:
+            raise KeyError(f"{field_name}: only [keys] are read, no attributes")
+        first = match.group(1)
+        value = self.get_value(int(first) if first.isdigit() else first, args, kwargs)
+        for key in re.findall(r"\[([^\]]*)\]", match.group(2)):
+            value = value[int(key)] if isinstance(value, list) else value[key]
+        return value, first
 
 
 def view_records(root: Path, paths: list[str], options: dict[str, str]) -> str:
@@ -347,6 +423,159 @@ def view_records(root: Path, paths: list[str], options: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def view_alignment(root: Path, paths: list[str], options: dict[str, str]) -> str:
+    """See the module docstring (``alignment``)."""
+    if len(paths) != 1 or "layers" not in options:
+        raise TableError('the alignment view takes one results.json and layers="title|K;…"')
+    rule = options.get("rule", "bp")
+    runs = [r for r in _load(root, paths[0])["runs"] if r["rule"] == rule and not r["diverged"]]
+    widths = sorted({r["x"] for r in runs})
+    layers = [layer.split("|", 1) for layer in options["layers"].split(";")]
+    column = options.get("column", "{x}")
+    lines = _header([options.get("first", "layer")] + [column.format(x=x) for x in widths])
+
+    def mean(key: str, x: Any) -> float | None:
+        values = [r[key] for r in runs if r["x"] == x and key in r]
+        return statistics.fmean(values) if values else None
+
+    for title, index in layers:
+        cells = [title]
+        for x in widths:
+            score = mean(f"align_score/{index}", x)
+            if score is None:
+                raise TableError(f"{paths[0]}: no align_score/{index} of {rule} at {x}")
+            text = f"{score:.2f}"
+            for key, (left, right) in [("shuffled", "()"), ("kernel", "[]")]:
+                other = mean(f"align_score_{key}/{index}", x)
+                if other is not None:
+                    text += f" {left}{other:.2f}{right}"
+            cells.append(text)
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def view_pivot(root: Path, paths: list[str], options: dict[str, str]) -> str:
+    """See the module docstring (``pivot``)."""
+    if len(paths) != 1 or not {"row", "col", "cell"} <= set(options):
+        raise TableError("the pivot view takes one JSON file and row=, col=, cell=")
+    records: Any = _load(root, paths[0])
+    for step in options.get("at", "").split("."):
+        records = records[step] if step else records
+    row, col = options["row"], options["col"]
+    cells = {(str(r[row]), r[col]): r for r in records}
+    labels = _rows(list(dict.fromkeys(str(r[row]) for r in records)), options)
+    columns = list(dict.fromkeys(r[col] for r in records))
+    formatter = _Units()
+    title = options.get("colname", "{" + col + "}")
+    lines = _header([options.get("first", row)] + [title.format(**{col: c}) for c in columns])
+    for label in labels:
+        line = [label]
+        for column in columns:
+            record = cells.get((label, column))
+            try:
+                line.append("—" if record is None else formatter.format(options["cell"], **record))
+            except (KeyError, IndexError, ValueError, TypeError) as err:
+                raise TableError(f"{paths[0]}: cannot fill {options['cell']!r}: {err!r}") from None
+        lines.append(_row(line))
+    return "\n".join(lines)
+
+
+def view_fixedpoint(root: Path, paths: list[str], options: dict[str, str]) -> str:
+    """See the module docstring (``fixedpoint``)."""
+    if len(paths) != 1:
+        raise TableError("the fixedpoint view takes one fixedpoint_mnist.json")
+    runs: dict[str, Any] = _load(root, paths[0])["multi_seed"]
+    seeds = {tuple(r["seeds"]) for r in runs.values()}
+    if len(seeds) != 1:
+        raise TableError(f"{paths[0]}: the rows ran different seeds {sorted(seeds)}")
+    (order,) = seeds
+    names = " / ".join(str(seed) for seed in order)
+    lines = _header(
+        [
+            *["rule", "η", "best train acc (%)", "best test acc (%)"],
+            *[f"max Re λ(W) (seeds {names})", "stopped at step"],
+        ]
+    )
+    lines[1] = "|---|---:|---:|---:|---|---|"
+
+    def accuracy(stats: dict[str, Any]) -> str:
+        if not stats["n"]:
+            return "—"
+        text = f"{stats['mean'] * 100:.1f}"
+        if stats["n"] > 1:
+            text += f" ± {stats['std'] * 100:.1f}"
+        if stats["n"] < len(order):
+            text += f" (n = {stats['n']})"
+        return text
+
+    for label in _rows(list(runs), options):
+        run = runs[label]
+        rule, _, lr = label.partition(" lr ")
+        stops = run["diverged_at"]
+        stopped = (
+            "—"
+            if all(s is None for s in stops)
+            else " / ".join("—" if s is None else str(s) for s in stops)
+        )
+        cells = [
+            rule,
+            lr,
+            accuracy(run["best_train_acc_stats"]),
+            accuracy(run["best_test_acc_stats"]),
+            " / ".join(f"{v:.3g}" if v >= 10 else f"{v:.2f}" for v in run["max_re_eig_W_max"]),
+            stopped,
+        ]
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def view_solver(root: Path, paths: list[str], options: dict[str, str]) -> str:
+    """See the module docstring (``solver``)."""
+    if len(paths) != 1:
+        raise TableError("the solver view takes one fixedpoint_solver.json")
+    cases = {case["case"]: case for case in _load(root, paths[0])["cases"]}
+    labels = _rows(list(cases), options)
+    methods = [m["method"] for m in cases[labels[0]]["methods"]]
+    lines = _header(["network", "max Re λ(W)", *methods])
+    lines[1] = "|---|" + "---|" * (len(methods) + 1)
+    for label in labels:
+        case = cases[label]
+        cells = [label.replace("|", "\\|"), f"{case['max_re_eig_W']:.2f}"]
+        for method in case["methods"]:
+            text = f"{method['iterations']} / {method['seconds'] * 1000:.0f}"
+            if method["converged_fraction"] < 1:
+                text += f" / {method['converged_fraction']:.2f}"
+            cells.append(text)
+        lines.append(_row(cells))
+    return "\n".join(lines)
+
+
+def view_cells(root: Path, paths: list[str], options: dict[str, str]) -> str:
+    """See the module docstring (``cells``)."""
+    if "cells" not in options:
+        raise TableError('the cells view takes cells="h1|h2;c1|c2;…"')
+    summaries = [_load(root, path) for path in paths]
+    rows = [row.split("|") for row in options["cells"].split(";")]
+    width = len(rows[0])
+    if any(len(row) != width for row in rows):
+        raise TableError(f"cells: every row needs {width} cells: {options['cells']!r}")
+    align = options.get("align", "l" + "r" * (width - 1))
+    if len(align) != width or set(align) - {"l", "r"}:
+        raise TableError(f"align must be {width} letters l or r, got {align!r}")
+    formatter = _Units()
+
+    def line(cells: list[str]) -> str:
+        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+    lines = [line(rows[0]), "|" + "".join("---|" if a == "l" else "---:|" for a in align)]
+    for row in rows[1:]:
+        try:
+            lines.append(line([formatter.format(t, *summaries, **summaries[0]) for t in row]))
+        except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError) as err:
+            raise TableError(f"{paths[0]}: cannot fill {row!r}: {err!r}") from None
+    return "\n".join(lines)
+
+
 VIEWS: dict[str, Callable[[Path, list[str], dict[str, str]], str]] = {
     "datasets": view_datasets,
     "grid": view_grid,
@@ -354,6 +583,11 @@ VIEWS: dict[str, Callable[[Path, list[str], dict[str, str]], str]] = {
     "file": view_file,
     "epochs": view_epochs,
     "records": view_records,
+    "cells": view_cells,
+    "alignment": view_alignment,
+    "pivot": view_pivot,
+    "fixedpoint": view_fixedpoint,
+    "solver": view_solver,
 }
 
 
