@@ -22,7 +22,7 @@ def test_regenerating_benchmarks_md_changes_nothing():
     tables = _tables()
     text = (ROOT / "BENCHMARKS.md").read_text()
     found = tables.markers(text)
-    assert len(found) >= 9  # the tables converted so far; a lost marker fails here
+    assert len(found) >= 33  # the tables converted so far; a lost marker fails here
     for _, paths, options in found:
         assert "command" in options  # every generated table names the command behind it
         assert all((ROOT / p).exists() for p in paths)
@@ -143,3 +143,160 @@ def test_records_view_fills_a_template_per_record_with_units(tmp_path):
     ]
     with pytest.raises(tables.TableError, match="cannot fill"):
         tables.view_records(tmp_path, ["d.json"], {"at": "results", "cols": "x|{nosuch}"})
+
+
+def test_cells_view_reads_every_cell_from_the_files(tmp_path):
+    tables = _tables()
+    _write(tmp_path, "a.json", {"rows": [{"ms": 50.0}, {"ms": 20.0}], "n": 4988.6, "t": 8204.2})
+    _write(tmp_path, "b.json", {"curve": {"0": 0.5971, "7": None}, "steps_to.1": 12})
+    cells = (
+        "|ratio|n|s;"
+        "**ours**|**{rows[0][ms]/rows[1][ms]:.2f}×**|{n:sp:,.0f}|{t:k:.2f} s;"
+        "x|{1[curve][0]:.3f}|{1[curve][7]} / {1[steps_to.1]}|{0[rows][1][ms]:.0f}"
+    )
+    text = tables.view_cells(tmp_path, ["a.json", "b.json"], {"cells": cells, "align": "lrrl"})
+    assert text.splitlines() == [
+        "| | ratio | n | s |",
+        "|---|---:|---:|---|",
+        "| **ours** | **2.50×** | 4 989 | 8.20 s |",
+        "| x | 0.597 | — / 12 | 20 |",
+    ]
+    for options, message in [
+        ({"cells": "a|b;c"}, "every row needs 2 cells"),
+        ({"cells": "a|b;{nosuch}|c"}, "cannot fill"),
+        ({"cells": "a|b", "align": "lx"}, "align must be"),
+    ]:
+        with pytest.raises(tables.TableError, match=message):
+            tables.view_cells(tmp_path, ["a.json"], options)
+
+
+def test_file_view_picks_a_table_and_rows_across_files(tmp_path):
+    tables = _tables()
+    first = (
+        "# a\n\n| r | x |\n|---|---:|\n| bp | 1 |\n\ntext\n\n| r | y |\n|---|---:|\n| fa | 2 |\n"
+    )
+    (tmp_path / "a.md").write_text(first)
+    (tmp_path / "b.md").write_text("| r | z |\n|---|---:|\n| bp | 9 |\n| twin | 3 |\n")
+    second = tables.view_file(tmp_path, ["a.md"], {"table": "2"})
+    assert second.splitlines() == ["| r | y |", "|---|---:|", "| fa | 2 |"]
+    merged = tables.view_file(tmp_path, ["a.md", "b.md"], {"rows": "twin;bp"})
+    assert merged.splitlines() == ["| r | x |", "|---|---:|", "| twin | 3 |", "| bp | 1 |"]
+    with pytest.raises(tables.TableError, match="holds 2 tables"):
+        tables.view_file(tmp_path, ["a.md"], {"table": "3"})
+
+
+def test_pivot_and_alignment_views_group_the_records(tmp_path):
+    tables = _tables()
+    runs = [
+        {"rule": "gd", "lr": 0.1, "loss": 0.0397, "steps": None},
+        {"rule": "gd", "lr": 1.0, "loss": 5.2e-5, "steps": 2656},
+        {"rule": "new", "lr": 1.0, "loss": 7.2e-15, "steps": 593},
+    ]
+    _write(tmp_path, "t.json", {"runs": runs})
+    options = {"at": "runs", "row": "rule", "col": "lr", "colname": "η = {lr:g}"}
+    text = tables.view_pivot(tmp_path, ["t.json"], {**options, "cell": "{loss:.2e} ({steps})"})
+    assert text.splitlines() == [
+        "| rule | η = 0.1 | η = 1 |",
+        "|---|---:|---:|",
+        "| gd | 3.97e-02 (—) | 5.20e-05 (2656) |",
+        "| new | — | 7.20e-15 (593) |",
+    ]
+
+    def run(x, seed, score, shuffled, rule="bp", diverged=False):
+        return {
+            "rule": rule,
+            "x": x,
+            "seed": seed,
+            "diverged": diverged,
+            "align_score/2": score,
+            "align_score_shuffled/2": shuffled,
+        }
+
+    _write(
+        tmp_path,
+        "s.json",
+        {
+            "runs": [
+                run(8, 0, 0.5, 0.1),
+                run(8, 1, 0.7, 0.2),
+                run(64, 0, 0.9, 0.0),
+                run(64, 1, 0.1, 0.9, rule="fa"),
+                run(64, 2, 0.1, 0.9, diverged=True),
+            ]
+        },
+    )
+    text = tables.view_alignment(tmp_path, ["s.json"], {"layers": "conv1|2", "column": "{x} ch"})
+    assert text.splitlines() == [
+        "| layer | 8 ch | 64 ch |",
+        "|---|---:|---:|",
+        "| conv1 | 0.60 (0.15) | 0.90 (0.00) |",
+    ]
+
+
+def test_fixedpoint_and_solver_views(tmp_path):
+    tables = _tables()
+
+    def stats(values):
+        done = [v for v in values if v is not None]
+        mean = sum(done) / len(done) if done else None
+        std = (sum((v - mean) ** 2 for v in done) / (len(done) - 1)) ** 0.5 if len(done) > 1 else 0
+        return {"n": len(done), "mean": mean, "std": std if done else None}
+
+    def entry(accs, eig, stops):
+        return {
+            "seeds": [0, 1, 2],
+            "best_train_acc_stats": stats(accs),
+            "best_test_acc_stats": stats(accs),
+            "max_re_eig_W_max": eig,
+            "diverged_at": stops,
+        }
+
+    _write(
+        tmp_path,
+        "m.json",
+        {
+            "multi_seed": {
+                "gd lr 0.1": entry([0.9, 0.88, 0.92], [1.456, 1.42, 13.37], [None, None, 338]),
+                "gd lr 3": entry([None, None, None], [0.5, 0.6, 0.7], [6, 6, 5]),
+                "new lr 1": entry([0.8, None, 0.9], [0.5, 0.6, 0.7], [None, None, None]),
+            }
+        },
+    )
+    rows = tables.view_fixedpoint(tmp_path, ["m.json"], {}).splitlines()
+    assert rows[0].endswith("| max Re λ(W) (seeds 0 / 1 / 2) | stopped at step |")
+    assert rows[2] == "| gd | 0.1 | 90.0 ± 2.0 | 90.0 ± 2.0 | 1.46 / 1.42 / 13.4 | — / — / 338 |"
+    assert rows[3] == "| gd | 3 | — | — | 0.50 / 0.60 / 0.70 | 6 / 6 / 5 |"
+    assert rows[4].startswith("| new | 1 | 85.0 ± 7.1 (n = 2) |") and rows[4].endswith("| — |")
+
+    def method(name, iterations, seconds, fraction):
+        return {
+            "method": name,
+            "iterations": iterations,
+            "seconds": seconds,
+            "converged_fraction": fraction,
+        }
+
+    _write(
+        tmp_path,
+        "v.json",
+        {
+            "cases": [
+                {
+                    "case": "init",
+                    "max_re_eig_W": 0.4855,
+                    "methods": [method("a", 35, 0.0479, 1.0), method("b", 3, 1.58, 1.0)],
+                },
+                {
+                    "case": "|λ| > 1",
+                    "max_re_eig_W": 2.84,
+                    "methods": [method("a", 2000, 0.2727, 0.9941), method("b", 10, 5.39, 0.30)],
+                },
+            ]
+        },
+    )
+    assert tables.view_solver(tmp_path, ["v.json"], {"rows": "|λ| > 1;init"}).splitlines() == [
+        "| network | max Re λ(W) | a | b |",
+        "|---|---|---|---|",
+        "| \\|λ\\| > 1 | 2.84 | 2000 / 273 / 0.99 | 10 / 5390 / 0.30 |",
+        "| init | 0.49 | 35 / 48 | 3 / 1580 |",
+    ]
