@@ -65,6 +65,24 @@ def test_an_alias_runs_one_experiment_of_its_paper(tmp_path, monkeypatch, capsys
     assert "ahmad-np: ahmad2024 np" in _listing(capsys)
 
 
+def test_only_runs_one_experiment_and_a_wrong_name_is_one_line(tmp_path, capsys):
+    out = tmp_path / "z"
+    assert (
+        main(
+            ["reproduce", "zhu2024", "--quick", "--quiet", "--only", "landscape", "--out", str(out)]
+        )
+        == 0
+    )
+    assert (out / "landscape.md").exists() and not (out / "teacher").exists()
+    rows = _claim_rows(out / "claims.md")
+    measured = [r for r in rows if not r[2].startswith("not measured")]
+    assert len(measured) == 1 and "landscape" in measured[0][0].lower() + measured[0][1].lower()
+    capsys.readouterr()
+    assert main(["reproduce", "zhu2024", "--quick", "--only", "nope", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no experiment 'nope'" in err and "teacher" in err
+
+
 def _listing(capsys) -> str:
     capsys.readouterr()
     assert main(["reproduce", "--list"]) == 0

@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the same as --scale quick")
     p.add_argument("--list", action="store_true", help="list the papers, experiments, aliases")
     p.add_argument(
+        "--only",
+        metavar="EXPERIMENT",
+        default=None,
+        help="run one of the paper's experiments (see --list); the claims that need the others "
+        "say 'not measured'",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=1,
@@ -377,9 +384,11 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     if not args.name:
         raise UserError(f"name a paper: {', '.join(PAPERS)} (see --list)")
     if args.name in ALIASES:
+        if args.only is not None:
+            raise UserError(f"{args.name} is one experiment already; --only names one of a paper")
         paper, only = ALIASES[args.name]
     elif args.name in PAPERS:
-        paper, only = args.name, None
+        paper, only = args.name, args.only
     else:
         names = [*PAPERS, *ALIASES]
         raise UserError(f"unknown paper {args.name!r}; choose one of: {', '.join(names)}")
