@@ -21,6 +21,7 @@ from .. import checkpoint as ckpt
 from ..config import TrainConfig, make_config
 from ..errors import UserError
 from ..plotting import plot_angles, plot_curves
+from ..stats import mean_std
 from .plan import Plan, axis_label, grid
 from .report import ACCURACY_COLUMNS, Groups, Table, group_results, summary_table, write_text
 from .runner import Log, check_jobs, run_plan
@@ -94,7 +95,10 @@ def reference_target(histories: list[History]) -> float:
 
 
 def _pair(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    """Mean and sample std, the one statistic of every table (:func:`decorrelate.stats.mean_std`;
+    a finished run's accuracies and times are finite, so nothing is left out)."""
+    mean, std, _ = mean_std(values)
+    return mean, std
 
 
 def summarise(label: str, histories: list[History], target: float | None = None) -> dict[str, Any]:
